@@ -1,0 +1,57 @@
+"""Fidelity of a variant's outputs against the FP32 model's outputs, by task.
+
+- embed: cosine similarity of each sentence embedding to its FP32 embedding (mean and min).
+- classify: top-1 agreement with FP32, and the change in probability of FP32's top label
+  (mean and max of |p_variant - p_fp32| for that label).
+- seq2seq: share of identical outputs and chrF of the variant's outputs against FP32's.
+
+Each task has one *primary* score in [0, 1] (mean cosine, top-1 agreement, identical share... for
+seq2seq chrF/100) that automatic mixed precision and alert bounds use.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+
+PRIMARY = {"embed": "mean_cosine", "classify": "top1_agreement", "seq2seq": "chrf"}
+
+
+def embed_fidelity(reference: torch.Tensor, output: torch.Tensor) -> dict[str, float]:
+    cos = F.cosine_similarity(reference.float(), output.float(), dim=-1)
+    return {"mean_cosine": float(cos.mean()), "min_cosine": float(cos.min()), "n": int(cos.numel())}
+
+
+def classify_fidelity(reference_logits: torch.Tensor, output_logits: torch.Tensor) -> dict[str, float]:
+    p_ref = reference_logits.float().softmax(-1)
+    p_out = output_logits.float().softmax(-1)
+    top = p_ref.argmax(-1)
+    agree = (p_out.argmax(-1) == top).float()
+    dprob = (p_out.gather(1, top[:, None]) - p_ref.gather(1, top[:, None])).abs().squeeze(1)
+    return {"top1_agreement": float(agree.mean()), "mean_abs_dprob": float(dprob.mean()),
+            "max_abs_dprob": float(dprob.max()), "n": int(top.numel())}
+
+
+def seq2seq_fidelity(reference: list[str], output: list[str]) -> dict[str, float]:
+    import sacrebleu
+
+    same = sum(a == b for a, b in zip(reference, output))
+    chrf = sacrebleu.corpus_chrf(list(output), [list(reference)]).score if reference else 0.0
+    return {"identical": same / max(len(reference), 1), "chrf": float(chrf), "n": len(reference)}
+
+
+def fidelity(task: str, reference: Any, output: Any) -> dict[str, float]:
+    if task == "embed":
+        return embed_fidelity(reference, output)
+    if task == "classify":
+        return classify_fidelity(reference, output)
+    if task == "seq2seq":
+        return seq2seq_fidelity(reference, output)
+    raise ValueError(f"unknown task {task!r}")
+
+
+def primary_score(task: str, metrics: dict[str, float]) -> float:
+    value = metrics[PRIMARY[task]]
+    return value / 100.0 if task == "seq2seq" else value

@@ -1,0 +1,221 @@
+"""Quantized replacements for ``nn.Linear``.
+
+Every layer here stores only what a real deployment stores (integer weights, scales, zero points,
+codebooks) as buffers, so ``state_dict()`` *is* the stored form and its byte count is the real
+size. Each layer can describe itself (:meth:`QuantizedLinear.config`), be rebuilt empty from that
+description (:meth:`QuantizedLinear.from_config`, used when loading a saved artifact), and give
+back the weight it effectively computes with (:meth:`QuantizedLinear.dequantized_weight`, used
+for per-layer error reports).
+
+The int8 GEMM layers run ``torch._int_mm`` (int8 x int8 -> int32, VNNI kernels on x86) with
+symmetric int8 weights, one scale per output channel by default:
+
+    y = (s_x * s_w) * (q_x @ q_w^T - z_x * sum_k q_w) + b
+"""
+
+from __future__ import annotations
+
+from typing import Any, ClassVar
+
+import torch
+from torch import nn
+
+from .affine import QScheme, choose_qparams, compute_qparams, quantize
+
+INT8_SYM = QScheme(bits=8, symmetric=True, signed=True)
+
+
+def weight_scheme(granularity: str) -> QScheme:
+    if granularity == "channel":
+        return QScheme(bits=8, symmetric=True, signed=True, granularity="channel", axis=0)
+    return INT8_SYM
+
+
+class QuantizedLinear(nn.Module):
+    """Base class: a Linear layer whose weights are stored in some quantized form."""
+
+    kind: ClassVar[str] = "quantized-linear"
+    registry: ClassVar[dict[str, type["QuantizedLinear"]]] = {}
+
+    def __init_subclass__(cls, **kw: Any) -> None:
+        super().__init_subclass__(**kw)
+        QuantizedLinear.registry[cls.kind] = cls
+
+    def __init__(self, in_features: int, out_features: int, has_bias: bool) -> None:
+        super().__init__()
+        self.in_features = in_features
+        self.out_features = out_features
+        if has_bias:
+            self.register_buffer("bias", torch.zeros(out_features))
+        else:
+            self.bias = None
+
+    def config(self) -> dict[str, Any]:
+        return {"kind": self.kind, "in_features": self.in_features, "out_features": self.out_features,
+                "has_bias": self.bias is not None}
+
+    @classmethod
+    def from_config(cls, config: dict[str, Any]) -> "QuantizedLinear":
+        config = dict(config)
+        kind = config.pop("kind")
+        return cls.registry[kind](**config)
+
+    def dequantized_weight(self) -> torch.Tensor:  # pragma: no cover - abstract
+        raise NotImplementedError
+
+    def weight_bytes(self) -> int:
+        """Bytes of everything stored for the weight (not the bias)."""
+        return sum(t.numel() * t.element_size() for n, t in self.state_dict().items() if n != "bias")
+
+    def extra_repr(self) -> str:
+        return f"in_features={self.in_features}, out_features={self.out_features}, kind={self.kind}"
+
+
+class _Int8GemmLinear(QuantizedLinear):
+    def __init__(self, in_features: int, out_features: int, has_bias: bool, weight_granularity: str = "channel") -> None:
+        super().__init__(in_features, out_features, has_bias)
+        self.weight_granularity = weight_granularity
+        self.register_buffer("weight_int8", torch.zeros(out_features, in_features, dtype=torch.int8))
+        n = out_features if weight_granularity == "channel" else 1
+        self.register_buffer("weight_scale", torch.ones(n))
+
+    def config(self) -> dict[str, Any]:
+        return {**super().config(), "weight_granularity": self.weight_granularity}
+
+    def _load_weight(self, linear: nn.Linear, weight_observer: Any | None = None) -> None:
+        w = linear.weight.detach().float()
+        if weight_observer is not None:
+            weight_observer.observe(w)
+            qp = weight_observer.qparams()
+        else:
+            qp = choose_qparams(w, weight_scheme(self.weight_granularity))
+        self.weight_int8.copy_(quantize(w, qp))
+        self.weight_scale.copy_(qp.scale.reshape(-1))
+        if linear.bias is not None:
+            self.bias.copy_(linear.bias.detach().float())
+
+    def dequantized_weight(self) -> torch.Tensor:
+        scale = self.weight_scale.reshape(-1, 1) if self.weight_scale.numel() > 1 else self.weight_scale
+        return self.weight_int8.float() * scale
+
+    def _gemm(self, q: torch.Tensor, x_scale: torch.Tensor, x_zero: torch.Tensor | None) -> torch.Tensor:
+        acc = torch._int_mm(q, self.weight_int8.t())
+        if x_zero is not None:
+            acc = acc - x_zero * self._weight_col_sums()
+        y = acc.float() * (x_scale * self.weight_scale)
+        return y + self.bias if self.bias is not None else y
+
+    def _weight_col_sums(self) -> torch.Tensor:
+        sums = getattr(self, "_col_sums", None)
+        if sums is None or sums.device != self.weight_int8.device:
+            sums = self.weight_int8.sum(dim=1, dtype=torch.int32)
+            self._col_sums = sums
+        return sums
+
+
+class DynamicInt8Linear(_Int8GemmLinear):
+    """int8 weights; activations quantized at run time from each batch's own range.
+
+    ``act_granularity="token"`` gives every row (token) its own scale, which is what keeps
+    outlier tokens from crushing the others; ``"tensor"`` is the classic one scale per batch.
+    """
+
+    kind = "dynamic-int8"
+
+    def __init__(self, in_features: int, out_features: int, has_bias: bool, weight_granularity: str = "channel",
+                 act_granularity: str = "token", act_symmetric: bool = False) -> None:
+        super().__init__(in_features, out_features, has_bias, weight_granularity)
+        self.act_granularity = act_granularity
+        self.act_symmetric = act_symmetric
+
+    def config(self) -> dict[str, Any]:
+        return {**super().config(), "act_granularity": self.act_granularity, "act_symmetric": self.act_symmetric}
+
+    @classmethod
+    def from_linear(cls, linear: nn.Linear, weight_observer: Any | None = None, **options: Any) -> "DynamicInt8Linear":
+        layer = cls(linear.in_features, linear.out_features, linear.bias is not None, **options)
+        layer._load_weight(linear, weight_observer)
+        return layer
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        shape = x.shape
+        x2 = x.reshape(-1, self.in_features).float()
+        dim = 1 if self.act_granularity == "token" else None
+        if self.act_symmetric:
+            amax = x2.abs().amax(dim=1, keepdim=True) if dim else x2.abs().amax()
+            scale = (amax / 127.0).clamp_min(1e-12)
+            q = (x2 / scale).round_().clamp_(-127, 127).to(torch.int8)
+            zero = None
+        else:
+            lo = (x2.amin(dim=1, keepdim=True) if dim else x2.amin()).clamp(max=0)
+            hi = (x2.amax(dim=1, keepdim=True) if dim else x2.amax()).clamp(min=0)
+            scale = ((hi - lo) / 255.0).clamp_min(1e-12)
+            zero = (-128 - torch.round(lo / scale)).clamp_(-128, 127)
+            q = (x2 / scale).round_().add_(zero).clamp_(-128, 127).to(torch.int8)
+            zero = zero.to(torch.int32)
+        y = self._gemm(q, scale, zero)
+        return y.reshape(*shape[:-1], self.out_features).to(x.dtype)
+
+
+class StaticInt8Linear(_Int8GemmLinear):
+    """int8 weights and int8 activations whose (scale, zero point) were fixed by calibration.
+
+    An optional per-input-channel ``smooth`` vector (SmoothQuant) divides the activation before
+    rounding; the weight columns were multiplied by it before quantization, so the product is
+    unchanged while activation outlier channels shrink.
+    """
+
+    kind = "static-int8"
+
+    def __init__(self, in_features: int, out_features: int, has_bias: bool, weight_granularity: str = "channel",
+                 smooth: bool = False) -> None:
+        super().__init__(in_features, out_features, has_bias, weight_granularity)
+        self.register_buffer("act_scale", torch.ones(()))
+        self.register_buffer("act_zero_point", torch.zeros((), dtype=torch.int32))
+        self.has_smooth = smooth
+        if smooth:
+            self.register_buffer("smooth", torch.ones(in_features))
+
+    def config(self) -> dict[str, Any]:
+        return {**super().config(), "smooth": self.has_smooth}
+
+    @classmethod
+    def from_linear(cls, linear: nn.Linear, act_qparams: Any, smooth: torch.Tensor | None = None,
+                    weight_observer: Any | None = None, **options: Any) -> "StaticInt8Linear":
+        layer = cls(linear.in_features, linear.out_features, linear.bias is not None,
+                    smooth=smooth is not None, **options)
+        if smooth is not None:
+            layer.smooth.copy_(smooth)
+            scaled = nn.Linear(linear.in_features, linear.out_features, bias=linear.bias is not None)
+            with torch.no_grad():
+                scaled.weight.copy_(linear.weight.detach().float() * smooth)
+                if linear.bias is not None:
+                    scaled.bias.copy_(linear.bias.detach())
+            linear = scaled
+        layer._load_weight(linear, weight_observer)
+        layer.act_scale.copy_(act_qparams.scale.reshape(()))
+        layer.act_zero_point.copy_(act_qparams.zero_point.reshape(()))
+        return layer
+
+    def dequantized_weight(self) -> torch.Tensor:
+        w = super().dequantized_weight()
+        return w / self.smooth if self.has_smooth else w
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        shape = x.shape
+        x2 = x.reshape(-1, self.in_features).float()
+        if self.has_smooth:
+            x2 = x2 / self.smooth
+        zero = self.act_zero_point
+        q = (x2 / self.act_scale).round_().add_(zero).clamp_(-128, 127).to(torch.int8)
+        y = self._gemm(q, self.act_scale, zero if bool(zero != 0) else None)
+        return y.reshape(*shape[:-1], self.out_features).to(x.dtype)
+
+
+def static_act_scheme(symmetric: bool = False) -> QScheme:
+    """Activations of static int8 layers: signed int8, asymmetric by default (GELU outputs are)."""
+    return QScheme(bits=8, symmetric=symmetric, signed=True)
+
+
+__all__ = ["QuantizedLinear", "DynamicInt8Linear", "StaticInt8Linear", "weight_scheme", "static_act_scheme",
+           "compute_qparams"]

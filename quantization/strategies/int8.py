@@ -1,0 +1,151 @@
+"""int8 GEMM strategies: dynamic (activation ranges per batch) and static (ranges calibrated).
+
+Both store symmetric int8 weights with one scale per output channel by default and run the
+matrix multiply in int8 (``torch._int_mm``). Why per-channel weights and per-token activations
+are the defaults: torch's stock ``quantize_dynamic`` uses one scale for a whole weight matrix and
+one for a whole batch of activations, so a single outlier (MiniLM's FFN output weights reach 79x
+their standard deviation; a few activation channels dwarf the rest) sets the step size for every
+other value. See README, "What limits INT8 fidelity".
+"""
+
+from __future__ import annotations
+
+from typing import Any, Literal
+
+import torch
+from pydantic import Field
+from torch import nn
+
+from ..layers import DynamicInt8Linear, StaticInt8Linear, static_act_scheme, weight_scheme
+from ..observers import Observer, make_observer
+from . import register
+from .base import Batch, LayerwiseStrategy, StrategyParams
+
+ObserverName = Literal["minmax", "moving-average", "percentile", "mse"]
+
+
+class Int8WeightParams(StrategyParams):
+    weight_granularity: Literal["channel", "tensor"] = Field(
+        "channel", description="one weight scale per output channel, or one per matrix")
+    weight_observer: Literal["minmax", "mse"] = Field(
+        "minmax", description="how weight ranges are chosen: full range, or MSE-optimal clipping")
+
+
+def _weight_observer(p: Int8WeightParams) -> Observer | None:
+    if p.weight_observer == "minmax":
+        return None
+    return make_observer(p.weight_observer, weight_scheme(p.weight_granularity))
+
+
+class DynamicParams(Int8WeightParams):
+    act_granularity: Literal["token", "tensor"] = Field(
+        "token", description="activation scale per token (row), or one per batch as torch's quantize_dynamic does")
+    act_symmetric: bool = Field(False, description="symmetric activation range (zero point 0); asymmetric uses the int8 grid better for GELU outputs")
+
+
+@register
+class DynamicInt8(LayerwiseStrategy):
+    name = "dynamic-int8"
+    summary = "int8 weights (per-channel); activations quantized at run time per token; int8 GEMM"
+    Params = DynamicParams
+
+    def convert(self, name: str, linear: nn.Linear) -> nn.Module:
+        p: DynamicParams = self.params  # type: ignore[assignment]
+        return DynamicInt8Linear.from_linear(
+            linear, _weight_observer(p), weight_granularity=p.weight_granularity,
+            act_granularity=p.act_granularity, act_symmetric=p.act_symmetric)
+
+
+class StaticParams(Int8WeightParams):
+    act_observer: ObserverName = Field("percentile", description="how activation ranges are chosen from calibration data")
+    act_percentile: float = Field(99.99, gt=50.0, le=100.0, description="percentile for the percentile observer")
+    act_symmetric: bool = Field(False, description="symmetric activation range; asymmetric suits GELU outputs")
+    smooth_alpha: float | None = Field(
+        0.5, ge=0.0, le=1.0,
+        description="SmoothQuant migration strength: divide activation channel j by max|x_j|^a / max|w_j|^(1-a) "
+                    "and fold it into the weights; null turns smoothing off")
+
+
+@register
+class StaticInt8(LayerwiseStrategy):
+    name = "static-int8"
+    summary = "int8 weights and activations; activation ranges fixed by calibration on sample texts; int8 GEMM"
+    Params = StaticParams
+    needs_calibration = True
+
+    def __init__(self, params: StaticParams) -> None:
+        super().__init__(params)
+        self.act_observers: dict[str, Observer] = {}
+        self.smooth: dict[str, torch.Tensor] = {}
+        self.tokens = 0
+
+    def prepare(self, module: nn.Module, calibration: list[Batch] | None) -> None:
+        p: StaticParams = self.params  # type: ignore[assignment]
+        names = self.units(module)
+        self.tokens = int(sum(int(b["attention_mask"].sum()) for b in calibration or [] if "attention_mask" in b))
+        if p.smooth_alpha is not None:
+            absmax = _collect(module, names, calibration, lambda name, x: x.abs().reshape(-1, x.shape[-1]).amax(0))
+            for name in names:
+                w_absmax = module.get_submodule(name).weight.detach().abs().amax(0).clamp_min(1e-5)
+                a = absmax[name].clamp_min(1e-5)
+                self.smooth[name] = (a.pow(p.smooth_alpha) / w_absmax.pow(1 - p.smooth_alpha)).clamp_min(1e-5)
+        options: dict[str, Any] = {"percentile": p.act_percentile} if p.act_observer == "percentile" else {}
+        scheme = static_act_scheme(p.act_symmetric)
+        self.act_observers = {n: make_observer(p.act_observer, scheme, **options) for n in names}
+
+        def observe(name: str, x: torch.Tensor) -> None:
+            if name in self.smooth:
+                x = x / self.smooth[name]
+            self.act_observers[name].observe(x)
+
+        _collect(module, names, calibration, observe)
+
+    def convert(self, name: str, linear: nn.Linear) -> nn.Module:
+        p: StaticParams = self.params  # type: ignore[assignment]
+        return StaticInt8Linear.from_linear(linear, self.act_observers[name].qparams(), smooth=self.smooth.get(name),
+                                            weight_observer=_weight_observer(p), weight_granularity=p.weight_granularity)
+
+    def describe_layer(self, name: str, layer: nn.Module) -> dict[str, Any]:
+        out = super().describe_layer(name, layer)
+        obs = self.act_observers[name].summary()
+        out["activation"] = {k: obs[k] for k in ("observer", "scheme", "observed_min", "observed_max",
+                                                 "chosen_min", "chosen_max", "scale", "zero_point")}
+        return out
+
+    def notes(self) -> dict[str, Any]:
+        first = next(iter(self.act_observers.values()), None)
+        return {"calibration_batches": first.count if first else 0,
+                "calibration_tokens": self.tokens}
+
+
+def _collect(module: nn.Module, names: list[str], calibration: list[Batch] | None, fn) -> dict[str, Any]:
+    """Run calibration batches through the FP32 module, calling fn(name, input) for each layer.
+
+    Padding tokens are dropped first (with the batch's attention mask) so that they do not widen
+    the observed ranges: at run time they never matter to the output.
+    """
+    results: dict[str, Any] = {}
+    current_mask: list[torch.Tensor | None] = [None]
+
+    def hook_for(name: str):
+        def hook(_mod, args):
+            x = args[0].detach().float()
+            mask = current_mask[0]
+            if mask is not None and x.dim() == 3 and x.shape[:2] == mask.shape:
+                x = x[mask.bool()]
+            value = fn(name, x)
+            if value is not None:
+                results[name] = value if name not in results else torch.maximum(results[name], value)
+        return hook
+
+    handles = [module.get_submodule(n).register_forward_pre_hook(hook_for(n)) for n in names]
+    try:
+        with torch.inference_mode():
+            for batch in calibration or []:
+                current_mask[0] = batch.get("attention_mask")
+                module(**batch)
+    finally:
+        for h in handles:
+            h.remove()
+    return results
+
