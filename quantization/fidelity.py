@@ -5,8 +5,9 @@
   (mean and max of |p_variant - p_fp32| for that label).
 - seq2seq: share of identical outputs and chrF of the variant's outputs against FP32's.
 
-Each task has one *primary* score in [0, 1] (mean cosine, top-1 agreement, identical share... for
-seq2seq chrF/100) that automatic mixed precision and alert bounds use.
+Each task has one *primary* score in [0, 1] (mean cosine, top-1 agreement, chrF/100) that
+fidelity targets are stated in, and a continuous *ranking* score that automatic mixed precision
+uses to compare layers (top-1 agreement moves in whole flips, so it cannot rank small effects).
 """
 
 from __future__ import annotations
@@ -55,3 +56,10 @@ def fidelity(task: str, reference: Any, output: Any) -> dict[str, float]:
 def primary_score(task: str, metrics: dict[str, float]) -> float:
     value = metrics[PRIMARY[task]]
     return value / 100.0 if task == "seq2seq" else value
+
+
+def ranking_score(task: str, metrics: dict[str, float]) -> float:
+    """Higher is more faithful; continuous even where the primary score is a count of flips."""
+    if task == "classify":
+        return 1.0 - metrics["mean_abs_dprob"]
+    return primary_score(task, metrics)

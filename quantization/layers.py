@@ -72,18 +72,33 @@ class QuantizedLinear(nn.Module):
 
 
 class _Int8GemmLinear(QuantizedLinear):
-    def __init__(self, in_features: int, out_features: int, has_bias: bool, weight_granularity: str = "channel") -> None:
+    """int8 weights for an int8 GEMM, with an optional per-input-channel ``smooth`` vector.
+
+    Smoothing (SmoothQuant) divides activation channel j by smooth[j] before rounding; the
+    weight's column j was multiplied by smooth[j] before quantization, so the product is
+    unchanged while activation outlier channels shrink.
+    """
+
+    def __init__(self, in_features: int, out_features: int, has_bias: bool, weight_granularity: str = "channel",
+                 smooth: bool = False) -> None:
         super().__init__(in_features, out_features, has_bias)
         self.weight_granularity = weight_granularity
         self.register_buffer("weight_int8", torch.zeros(out_features, in_features, dtype=torch.int8))
         n = out_features if weight_granularity == "channel" else 1
         self.register_buffer("weight_scale", torch.ones(n))
+        self.has_smooth = smooth
+        if smooth:
+            self.register_buffer("smooth", torch.ones(in_features))
 
     def config(self) -> dict[str, Any]:
-        return {**super().config(), "weight_granularity": self.weight_granularity}
+        return {**super().config(), "weight_granularity": self.weight_granularity, "smooth": self.has_smooth}
 
-    def _load_weight(self, linear: nn.Linear, weight_observer: Any | None = None) -> None:
+    def _load_weight(self, linear: nn.Linear, weight_observer: Any | None = None,
+                     smooth: torch.Tensor | None = None) -> None:
         w = linear.weight.detach().float()
+        if smooth is not None:
+            self.smooth.copy_(smooth)
+            w = w * smooth
         if weight_observer is not None:
             weight_observer.observe(w)
             qp = weight_observer.qparams()
@@ -96,7 +111,12 @@ class _Int8GemmLinear(QuantizedLinear):
 
     def dequantized_weight(self) -> torch.Tensor:
         scale = self.weight_scale.reshape(-1, 1) if self.weight_scale.numel() > 1 else self.weight_scale
-        return self.weight_int8.float() * scale
+        w = self.weight_int8.float() * scale
+        return w / self.smooth if self.has_smooth else w
+
+    def _flat_input(self, x: torch.Tensor) -> torch.Tensor:
+        x2 = x.reshape(-1, self.in_features).float()
+        return x2 / self.smooth if self.has_smooth else x2
 
     def _gemm(self, q: torch.Tensor, x_scale: torch.Tensor, x_zero: torch.Tensor | None) -> torch.Tensor:
         acc = torch._int_mm(q, self.weight_int8.t())
@@ -123,8 +143,8 @@ class DynamicInt8Linear(_Int8GemmLinear):
     kind = "dynamic-int8"
 
     def __init__(self, in_features: int, out_features: int, has_bias: bool, weight_granularity: str = "channel",
-                 act_granularity: str = "token", act_symmetric: bool = False) -> None:
-        super().__init__(in_features, out_features, has_bias, weight_granularity)
+                 smooth: bool = False, act_granularity: str = "token", act_symmetric: bool = False) -> None:
+        super().__init__(in_features, out_features, has_bias, weight_granularity, smooth)
         self.act_granularity = act_granularity
         self.act_symmetric = act_symmetric
 
@@ -132,14 +152,16 @@ class DynamicInt8Linear(_Int8GemmLinear):
         return {**super().config(), "act_granularity": self.act_granularity, "act_symmetric": self.act_symmetric}
 
     @classmethod
-    def from_linear(cls, linear: nn.Linear, weight_observer: Any | None = None, **options: Any) -> "DynamicInt8Linear":
-        layer = cls(linear.in_features, linear.out_features, linear.bias is not None, **options)
-        layer._load_weight(linear, weight_observer)
+    def from_linear(cls, linear: nn.Linear, weight_observer: Any | None = None, smooth: torch.Tensor | None = None,
+                    **options: Any) -> "DynamicInt8Linear":
+        layer = cls(linear.in_features, linear.out_features, linear.bias is not None, smooth=smooth is not None,
+                    **options)
+        layer._load_weight(linear, weight_observer, smooth)
         return layer
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         shape = x.shape
-        x2 = x.reshape(-1, self.in_features).float()
+        x2 = self._flat_input(x)
         dim = 1 if self.act_granularity == "token" else None
         if self.act_symmetric:
             amax = x2.abs().amax(dim=1, keepdim=True) if dim else x2.abs().amax()
@@ -158,54 +180,29 @@ class DynamicInt8Linear(_Int8GemmLinear):
 
 
 class StaticInt8Linear(_Int8GemmLinear):
-    """int8 weights and int8 activations whose (scale, zero point) were fixed by calibration.
-
-    An optional per-input-channel ``smooth`` vector (SmoothQuant) divides the activation before
-    rounding; the weight columns were multiplied by it before quantization, so the product is
-    unchanged while activation outlier channels shrink.
-    """
+    """int8 weights and int8 activations whose (scale, zero point) were fixed by calibration."""
 
     kind = "static-int8"
 
     def __init__(self, in_features: int, out_features: int, has_bias: bool, weight_granularity: str = "channel",
                  smooth: bool = False) -> None:
-        super().__init__(in_features, out_features, has_bias, weight_granularity)
+        super().__init__(in_features, out_features, has_bias, weight_granularity, smooth)
         self.register_buffer("act_scale", torch.ones(()))
         self.register_buffer("act_zero_point", torch.zeros((), dtype=torch.int32))
-        self.has_smooth = smooth
-        if smooth:
-            self.register_buffer("smooth", torch.ones(in_features))
-
-    def config(self) -> dict[str, Any]:
-        return {**super().config(), "smooth": self.has_smooth}
 
     @classmethod
     def from_linear(cls, linear: nn.Linear, act_qparams: Any, smooth: torch.Tensor | None = None,
                     weight_observer: Any | None = None, **options: Any) -> "StaticInt8Linear":
         layer = cls(linear.in_features, linear.out_features, linear.bias is not None,
                     smooth=smooth is not None, **options)
-        if smooth is not None:
-            layer.smooth.copy_(smooth)
-            scaled = nn.Linear(linear.in_features, linear.out_features, bias=linear.bias is not None)
-            with torch.no_grad():
-                scaled.weight.copy_(linear.weight.detach().float() * smooth)
-                if linear.bias is not None:
-                    scaled.bias.copy_(linear.bias.detach())
-            linear = scaled
-        layer._load_weight(linear, weight_observer)
+        layer._load_weight(linear, weight_observer, smooth)
         layer.act_scale.copy_(act_qparams.scale.reshape(()))
         layer.act_zero_point.copy_(act_qparams.zero_point.reshape(()))
         return layer
 
-    def dequantized_weight(self) -> torch.Tensor:
-        w = super().dequantized_weight()
-        return w / self.smooth if self.has_smooth else w
-
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         shape = x.shape
-        x2 = x.reshape(-1, self.in_features).float()
-        if self.has_smooth:
-            x2 = x2 / self.smooth
+        x2 = self._flat_input(x)
         zero = self.act_zero_point
         q = (x2 / self.act_scale).round_().add_(zero).clamp_(-128, 127).to(torch.int8)
         y = self._gemm(q, self.act_scale, zero if bool(zero != 0) else None)

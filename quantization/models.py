@@ -62,7 +62,7 @@ class EmbeddingClassifier(nn.Module):
         emb = self.encoder(input_ids, attention_mask, token_type_ids)
         if self.normalize:
             emb = torch.nn.functional.normalize(emb, dim=-1)
-        return self.head(emb.to(self.head.weight.dtype) if self.head.weight.is_floating_point() else emb)
+        return self.head(emb)
 
 
 class HFSequenceClassifier(nn.Module):

@@ -53,12 +53,14 @@ def parse_params(cls: type[Strategy], params: dict[str, Any] | StrategyParams | 
 
 
 def quantize(module: nn.Module, strategy: str, params: dict[str, Any] | StrategyParams | None = None, *,
-             calibration: list[Batch] | None = None, evaluate: Callable[[Any], float] | None = None,
+             calibration: list[Batch] | None = None,
+             evaluate: Callable[[Any], tuple[float, float]] | None = None,
              progress: Callable[[str], None] | None = None) -> QuantizedModel:
     """Apply ``strategy`` to ``module`` (left unchanged) and return the variant with its record.
 
     ``calibration``: tokenised batches (model keyword arguments) for strategies that observe
-    activations. ``evaluate``: variant -> primary fidelity score, needed by ``auto_target``.
+    activations. ``evaluate``: variant -> (primary fidelity score, ranking score), needed by
+    ``auto_target`` (see :mod:`quantization.strategies.mixed`).
     """
     cls = get_strategy(strategy)
     p = parse_params(cls, params)

@@ -16,6 +16,8 @@ import torch
 from pydantic import Field
 from torch import nn
 
+from ..errors import CalibrationError
+from ..calibration import collect_layer_inputs, smoothing_factors
 from ..layers import DynamicInt8Linear, StaticInt8Linear, static_act_scheme, weight_scheme
 from ..observers import Observer, make_observer
 from . import register
@@ -37,10 +39,15 @@ def _weight_observer(p: Int8WeightParams) -> Observer | None:
     return make_observer(p.weight_observer, weight_scheme(p.weight_granularity))
 
 
+SMOOTH_DESCRIPTION = ("SmoothQuant migration strength: divide activation channel j by max|x_j|^a / max|w_j|^(1-a) "
+                      "(measured on calibration texts) and fold it into the weights; null turns smoothing off")
+
+
 class DynamicParams(Int8WeightParams):
     act_granularity: Literal["token", "tensor"] = Field(
         "token", description="activation scale per token (row), or one per batch as torch's quantize_dynamic does")
     act_symmetric: bool = Field(False, description="symmetric activation range (zero point 0); asymmetric uses the int8 grid better for GELU outputs")
+    smooth_alpha: float | None = Field(None, ge=0.0, le=1.0, description=SMOOTH_DESCRIPTION)
 
 
 @register
@@ -49,10 +56,23 @@ class DynamicInt8(LayerwiseStrategy):
     summary = "int8 weights (per-channel); activations quantized at run time per token; int8 GEMM"
     Params = DynamicParams
 
+    def __init__(self, params: DynamicParams) -> None:
+        super().__init__(params)
+        self.smooth: dict[str, torch.Tensor] = {}
+
+    def prepare(self, module: nn.Module, calibration: list[Batch] | None) -> None:
+        p: DynamicParams = self.params  # type: ignore[assignment]
+        if p.smooth_alpha is None:
+            return
+        if not calibration:
+            raise CalibrationError("dynamic-int8 with smooth_alpha measures activation channels on sample texts; "
+                                   "give calibration texts or set smooth_alpha to null")
+        self.smooth = smoothing_factors(module, self.units(module), calibration, p.smooth_alpha)
+
     def convert(self, name: str, linear: nn.Linear) -> nn.Module:
         p: DynamicParams = self.params  # type: ignore[assignment]
         return DynamicInt8Linear.from_linear(
-            linear, _weight_observer(p), weight_granularity=p.weight_granularity,
+            linear, _weight_observer(p), smooth=self.smooth.get(name), weight_granularity=p.weight_granularity,
             act_granularity=p.act_granularity, act_symmetric=p.act_symmetric)
 
 
@@ -60,10 +80,7 @@ class StaticParams(Int8WeightParams):
     act_observer: ObserverName = Field("percentile", description="how activation ranges are chosen from calibration data")
     act_percentile: float = Field(99.99, gt=50.0, le=100.0, description="percentile for the percentile observer")
     act_symmetric: bool = Field(False, description="symmetric activation range; asymmetric suits GELU outputs")
-    smooth_alpha: float | None = Field(
-        0.5, ge=0.0, le=1.0,
-        description="SmoothQuant migration strength: divide activation channel j by max|x_j|^a / max|w_j|^(1-a) "
-                    "and fold it into the weights; null turns smoothing off")
+    smooth_alpha: float | None = Field(0.8, ge=0.0, le=1.0, description=SMOOTH_DESCRIPTION)
 
 
 @register
@@ -84,11 +101,7 @@ class StaticInt8(LayerwiseStrategy):
         names = self.units(module)
         self.tokens = int(sum(int(b["attention_mask"].sum()) for b in calibration or [] if "attention_mask" in b))
         if p.smooth_alpha is not None:
-            absmax = _collect(module, names, calibration, lambda name, x: x.abs().reshape(-1, x.shape[-1]).amax(0))
-            for name in names:
-                w_absmax = module.get_submodule(name).weight.detach().abs().amax(0).clamp_min(1e-5)
-                a = absmax[name].clamp_min(1e-5)
-                self.smooth[name] = (a.pow(p.smooth_alpha) / w_absmax.pow(1 - p.smooth_alpha)).clamp_min(1e-5)
+            self.smooth = smoothing_factors(module, names, calibration, p.smooth_alpha)
         options: dict[str, Any] = {"percentile": p.act_percentile} if p.act_observer == "percentile" else {}
         scheme = static_act_scheme(p.act_symmetric)
         self.act_observers = {n: make_observer(p.act_observer, scheme, **options) for n in names}
@@ -98,7 +111,7 @@ class StaticInt8(LayerwiseStrategy):
                 x = x / self.smooth[name]
             self.act_observers[name].observe(x)
 
-        _collect(module, names, calibration, observe)
+        collect_layer_inputs(module, names, calibration, observe)
 
     def convert(self, name: str, linear: nn.Linear) -> nn.Module:
         p: StaticParams = self.params  # type: ignore[assignment]
@@ -116,36 +129,3 @@ class StaticInt8(LayerwiseStrategy):
         first = next(iter(self.act_observers.values()), None)
         return {"calibration_batches": first.count if first else 0,
                 "calibration_tokens": self.tokens}
-
-
-def _collect(module: nn.Module, names: list[str], calibration: list[Batch] | None, fn) -> dict[str, Any]:
-    """Run calibration batches through the FP32 module, calling fn(name, input) for each layer.
-
-    Padding tokens are dropped first (with the batch's attention mask) so that they do not widen
-    the observed ranges: at run time they never matter to the output.
-    """
-    results: dict[str, Any] = {}
-    current_mask: list[torch.Tensor | None] = [None]
-
-    def hook_for(name: str):
-        def hook(_mod, args):
-            x = args[0].detach().float()
-            mask = current_mask[0]
-            if mask is not None and x.dim() == 3 and x.shape[:2] == mask.shape:
-                x = x[mask.bool()]
-            value = fn(name, x)
-            if value is not None:
-                results[name] = value if name not in results else torch.maximum(results[name], value)
-        return hook
-
-    handles = [module.get_submodule(n).register_forward_pre_hook(hook_for(n)) for n in names]
-    try:
-        with torch.inference_mode():
-            for batch in calibration or []:
-                current_mask[0] = batch.get("attention_mask")
-                module(**batch)
-    finally:
-        for h in handles:
-            h.remove()
-    return results
-

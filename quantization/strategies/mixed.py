@@ -3,9 +3,11 @@
 By pattern: ``keep`` names modules (glob patterns) that stay in FP32.
 
 Automatic: measure each unit's sensitivity as the fidelity regained by keeping that unit alone in
-FP32, then keep units in order of sensitivity, one at a time, until the fidelity target is met
-(or ``auto_max_kept`` is reached). The record says which units were kept, the score after each
-step, and whether the target was reached.
+FP32 (on a continuous ranking score), then keep units in order of sensitivity, one at a time,
+until the primary fidelity score meets the target (or ``auto_max_kept`` is reached). The record
+says which units were kept, the scores after each step, and whether the target was reached.
+
+``evaluate(variant)`` returns ``(primary, ranking)``.
 """
 
 from __future__ import annotations
@@ -16,7 +18,7 @@ from torch import nn
 
 from .base import Strategy
 
-Evaluate = Callable[[Any], float]
+Evaluate = Callable[[Any], tuple[float, float]]
 
 
 def auto_keep(strategy: Strategy, module: nn.Module, units: list[str], base_kept: frozenset[str],
@@ -24,7 +26,7 @@ def auto_keep(strategy: Strategy, module: nn.Module, units: list[str], base_kept
               progress: Callable[[str], None] | None = None) -> tuple[Any, dict, frozenset[str], dict[str, Any]]:
     say = progress or (lambda _msg: None)
     variant, layers = strategy.build(module, base_kept)
-    score = evaluate(variant)
+    score, base_rank = evaluate(variant)
     trajectory: list[dict[str, Any]] = [{"kept": sorted(base_kept), "score": round(score, 6)}]
     notes: dict[str, Any] = {"target": target, "score_all_quantized": round(score, 6)}
     if score >= target:
@@ -36,7 +38,7 @@ def auto_keep(strategy: Strategy, module: nn.Module, units: list[str], base_kept
     for i, unit in enumerate(candidates, 1):
         say(f"sensitivity {i}/{len(candidates)}: {unit}")
         trial, _ = strategy.build(module, base_kept | {unit})
-        gain[unit] = evaluate(trial) - score
+        gain[unit] = evaluate(trial)[1] - base_rank
     ranking = sorted(candidates, key=lambda u: gain[u], reverse=True)
     notes["sensitivity"] = [{"unit": u, "gain": round(gain[u], 6)} for u in ranking]
 
@@ -45,7 +47,7 @@ def auto_keep(strategy: Strategy, module: nn.Module, units: list[str], base_kept
     for unit in ranking[:limit]:
         kept.add(unit)
         variant, layers = strategy.build(module, frozenset(kept))
-        score = evaluate(variant)
+        score = evaluate(variant)[0]
         trajectory.append({"kept": unit, "score": round(score, 6)})
         say(f"kept {unit}: score {score:.5f} (target {target})")
         if score >= target:

@@ -1,0 +1,63 @@
+"""Running calibration texts through a model and handing each layer's real inputs to a callback."""
+
+from __future__ import annotations
+
+from typing import Any, Callable
+
+import torch
+from torch import nn
+
+Batch = dict[str, torch.Tensor]
+
+
+def collect_layer_inputs(module: nn.Module, names: list[str], calibration: list[Batch] | None,
+                         fn: Callable[[str, torch.Tensor], Any]) -> None:
+    """Run calibration batches through the FP32 module, calling fn(name, input) for each layer.
+
+    Padding tokens are dropped first (with the batch's attention mask) so that they do not widen
+    the observed ranges: at run time they never matter to the output.
+    """
+    current_mask: list[torch.Tensor | None] = [None]
+
+    def hook_for(name: str):
+        def hook(_mod, args):
+            x = args[0].detach().float()
+            mask = current_mask[0]
+            if mask is not None and x.dim() == 3 and x.shape[:2] == mask.shape:
+                x = x[mask.bool()]
+            fn(name, x)
+        return hook
+
+    handles = [module.get_submodule(n).register_forward_pre_hook(hook_for(n)) for n in names]
+    try:
+        with torch.inference_mode():
+            for batch in calibration or []:
+                current_mask[0] = batch.get("attention_mask")
+                module(**batch)
+    finally:
+        for h in handles:
+            h.remove()
+
+
+
+def smoothing_factors(module: nn.Module, names: list[str], calibration: list[Batch] | None,
+                      alpha: float) -> dict[str, torch.Tensor]:
+    """SmoothQuant per-input-channel factors s_j = max|x_j|^alpha / max|w_j|^(1 - alpha).
+
+    Dividing activation channel j by s_j and multiplying weight column j by it leaves the
+    product unchanged while moving quantization difficulty from outlier activation channels
+    into the weights (alpha = 0: none moved; 1: all of it).
+    """
+    absmax: dict[str, torch.Tensor] = {}
+
+    def channel_absmax(name: str, x: torch.Tensor) -> None:
+        m = x.abs().reshape(-1, x.shape[-1]).amax(0)
+        absmax[name] = torch.maximum(absmax[name], m) if name in absmax else m
+
+    collect_layer_inputs(module, names, calibration, channel_absmax)
+    factors = {}
+    for name in names:
+        w_absmax = module.get_submodule(name).weight.detach().float().abs().amax(0).clamp_min(1e-5)
+        a = absmax[name].clamp_min(1e-5)
+        factors[name] = (a.pow(alpha) / w_absmax.pow(1 - alpha)).clamp_min(1e-5)
+    return factors

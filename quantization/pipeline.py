@@ -1,0 +1,63 @@
+"""Quantize a :class:`~quantization.models.TaskModel` with texts instead of tensors.
+
+This is the level the CLI, the benchmarks and the service use: calibration texts become
+tokenised batches, and automatic mixed precision is judged on the task's own fidelity measure.
+Automatic mode scores candidates on the *calibration* texts, never on the evaluation texts, so
+that the fidelity reported afterwards is measured on sentences the choice never saw.
+"""
+
+from __future__ import annotations
+
+from functools import lru_cache
+from importlib import resources
+from typing import Any, Callable
+
+from .fidelity import fidelity, primary_score, ranking_score
+from .models import TaskModel
+from .strategies import QuantizedModel, StrategyParams, get_strategy, parse_params, quantize
+
+
+@lru_cache(maxsize=None)
+def _data_file(name: str) -> tuple[str, ...]:
+    text = resources.files("quantization").joinpath("data", name).read_text(encoding="utf-8")
+    return tuple(line for line in text.splitlines() if line.strip())
+
+
+def calibration_texts() -> list[str]:
+    """128 varied English sentences used to calibrate activation ranges."""
+    return list(_data_file("calibration_sentences.txt"))
+
+
+def eval_texts() -> list[str]:
+    """240 varied English sentences, disjoint from the calibration set, used to measure fidelity."""
+    return list(_data_file("eval_sentences.txt"))
+
+
+def quantize_model(tm: TaskModel, strategy: str, params: dict[str, Any] | StrategyParams | None = None, *,
+                   calibration: list[str] | None = None,
+                   progress: Callable[[str], None] | None = None) -> QuantizedModel:
+    """Apply ``strategy`` to ``tm.module``; calibration texts default to the built-in set.
+
+    An explicitly empty ``calibration`` list is passed on as empty, so a strategy that needs
+    calibration refuses it rather than silently using the built-in set.
+    """
+    cls = get_strategy(strategy)
+    p = parse_params(cls, params)
+    texts = calibration_texts() if calibration is None else list(calibration)
+    batches = tm.calibration_batches(texts) if texts else []
+    evaluate = None
+    if p.auto_target is not None:
+        reference = tm.run(None, texts)
+
+        def evaluate(variant: Any) -> tuple[float, float]:
+            metrics = fidelity(tm.task, reference, tm.run(variant, texts))
+            return primary_score(tm.task, metrics), ranking_score(tm.task, metrics)
+
+    return quantize(tm.module, strategy, p, calibration=batches, evaluate=evaluate, progress=progress)
+
+
+def measure_fidelity(tm: TaskModel, variant: Any, texts: list[str] | None = None,
+                     reference: Any = None) -> dict[str, float]:
+    texts = eval_texts() if texts is None else texts
+    reference = tm.run(None, texts) if reference is None else reference
+    return fidelity(tm.task, reference, tm.run(variant, texts))
