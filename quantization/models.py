@@ -156,9 +156,16 @@ def _weight_files(directory: Path) -> list[Path]:
     return files or [p for p in directory.iterdir() if p.name == "config.json"]
 
 
+def _quiet_transformers() -> None:
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.disable_progress_bar()  # one bar per weight file is noise in logs
+
+
 def _load_hf_encoder(source: str) -> tuple[nn.Module, Any, str, Path | None]:
     from transformers import AutoModel, AutoTokenizer
 
+    _quiet_transformers()
     local = Path(source).expanduser()
     target = str(local) if local.is_dir() else source
     try:
@@ -221,6 +228,7 @@ def load_intent_classifier(name: str = "intent") -> TaskModel:
 def load_hf_classifier(source: str, name: str | None = None) -> TaskModel:
     from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
+    _quiet_transformers()
     local = Path(source).expanduser()
     target = str(local) if local.is_dir() else source
     try:

@@ -47,13 +47,14 @@ class DynamicParams(Int8WeightParams):
     act_granularity: Literal["token", "tensor"] = Field(
         "token", description="activation scale per token (row), or one per batch as torch's quantize_dynamic does")
     act_symmetric: bool = Field(False, description="symmetric activation range (zero point 0); asymmetric uses the int8 grid better for GELU outputs")
-    smooth_alpha: float | None = Field(None, ge=0.0, le=1.0, description=SMOOTH_DESCRIPTION)
+    smooth_alpha: float | None = Field(0.5, ge=0.0, le=1.0, description=SMOOTH_DESCRIPTION)
 
 
 @register
 class DynamicInt8(LayerwiseStrategy):
     name = "dynamic-int8"
-    summary = "int8 weights (per-channel); activations quantized at run time per token; int8 GEMM"
+    summary = ("int8 weights (per-channel); activations quantized at run time per token; int8 GEMM; "
+               "SmoothQuant factors measured on calibration texts")
     Params = DynamicParams
 
     def __init__(self, params: DynamicParams) -> None:
