@@ -139,6 +139,7 @@ def load_artifact(directory: str | Path, tm: TaskModel) -> QuantizedModel:
     directory = Path(directory)
     manifest = verify_artifact(directory, tm)
     start = time.perf_counter()
+    strategy_cls = get_strategy(manifest["strategy"])  # also registers every layer kind
     kept = frozenset(manifest.get("kept", []))
     if manifest["runtime"] == "onnxruntime":
         from .strategies.onnx import OnnxRuntimeModule
@@ -157,8 +158,8 @@ def load_artifact(directory: str | Path, tm: TaskModel) -> QuantizedModel:
                     raise ArtifactError(f"artifact layer {name!r} does not fit model {tm.name!r} ({exc}); "
                                         "quantize this model again") from None
         else:  # floating-point variants: casting again is cheaper than storing a skeleton
-            cls = get_strategy(manifest["strategy"])
-            module, _ = cls(parse_params(cls, manifest["params"])).build(tm.module, kept)
+            impl = strategy_cls(parse_params(strategy_cls, manifest["params"]))
+            module, _ = impl.build(tm.module, kept)
             if module is tm.module:
                 module = share_copy(tm.module)
         try:
