@@ -119,16 +119,24 @@ class _Int8GemmLinear(QuantizedLinear):
         return x2 / self.smooth if self.has_smooth else x2
 
     def _gemm(self, q: torch.Tensor, x_scale: torch.Tensor, x_zero: torch.Tensor | None) -> torch.Tensor:
-        acc = torch._int_mm(q, self.weight_int8.t())
+        """Dequantized product; large [tokens, out] temporaries are made twice only (int32, float32)."""
+        y = torch._int_mm(q, self.weight_int8.t()).to(torch.float32)
+        y.mul_(x_scale)
+        y.mul_(self.weight_scale)
         if x_zero is not None:
-            acc = acc - x_zero * self._weight_col_sums()
-        y = acc.float() * (x_scale * self.weight_scale)
-        return y + self.bias if self.bias is not None else y
+            # sum_k (q_x - z) q_w = q_x @ q_w^T - z * sum_k q_w, applied after scaling as one rank-1 update
+            if x_zero.numel() == 1:
+                y.sub_((x_zero * x_scale).reshape(()) * self._weight_col_sums() * self.weight_scale)
+            else:
+                y.addr_((x_zero * x_scale).flatten(), self._weight_col_sums() * self.weight_scale, alpha=-1)
+        if self.bias is not None:
+            y.add_(self.bias)
+        return y
 
     def _weight_col_sums(self) -> torch.Tensor:
         sums = getattr(self, "_col_sums", None)
         if sums is None or sums.device != self.weight_int8.device:
-            sums = self.weight_int8.sum(dim=1, dtype=torch.int32)
+            sums = self.weight_int8.sum(dim=1, dtype=torch.int32).to(torch.float32)
             self._col_sums = sums
         return sums
 
@@ -174,7 +182,6 @@ class DynamicInt8Linear(_Int8GemmLinear):
             scale = ((hi - lo) / 255.0).clamp_min(1e-12)
             zero = (-128 - torch.round(lo / scale)).clamp_(-128, 127)
             q = (x2 / scale).round_().add_(zero).clamp_(-128, 127).to(torch.int8)
-            zero = zero.to(torch.int32)
         y = self._gemm(q, scale, zero)
         return y.reshape(*shape[:-1], self.out_features).to(x.dtype)
 

@@ -70,12 +70,13 @@ def _capture_inputs(module: nn.Module, names: list[str], batches: list[dict[str,
     return captured
 
 
-def layer_errors(tm: TaskModel, qm: QuantizedModel, texts: list[str]) -> list[dict[str, Any]]:
-    """Per quantized layer: stored bytes vs FP32, weight SQNR and output SQNR in dB."""
+def layer_errors(tm: TaskModel, qm: QuantizedModel, texts: list[str], errors: bool = True) -> list[dict[str, Any]]:
+    """Per quantized layer: stored bytes vs FP32 and (with ``errors``) weight and output SQNR in dB."""
     names = list(qm.layers)
     rows: list[dict[str, Any]] = []
     torch_variant = isinstance(qm.module, nn.Module)
-    inputs = _capture_inputs(tm.module, names, tm.batches(texts[:LAYER_PROBE_TEXTS])) if torch_variant else {}
+    inputs = (_capture_inputs(tm.module, names, tm.batches(texts[:LAYER_PROBE_TEXTS]))
+              if torch_variant and errors else {})
     for name in names:
         fp32 = tm.module.get_submodule(name)
         row: dict[str, Any] = {"layer": name, "kind": qm.layers[name].get("kind"),
@@ -85,6 +86,9 @@ def layer_errors(tm: TaskModel, qm: QuantizedModel, texts: list[str]) -> list[di
             stored = _stored_weight_bytes(layer)
             w = _effective_weight(layer)
             row["weight_bytes"] = stored
+            if not errors:
+                rows.append(row)
+                continue
             row["weight_sqnr_db"] = _round(sqnr_db(fp32.weight.detach().float(), w)) if w is not None else None
             ref, out = [], []
             dtype = next((t.dtype for t in layer.buffers() if t.is_floating_point()), torch.float32)
@@ -95,7 +99,7 @@ def layer_errors(tm: TaskModel, qm: QuantizedModel, texts: list[str]) -> list[di
                     out.append(layer(x.to(dtype)).float().flatten())
             row["output_sqnr_db"] = _round(sqnr_db(torch.cat(ref), torch.cat(out))) if ref else None
         else:
-            row.update(qm.layers[name])
+            row.update({k: v for k, v in qm.layers[name].items() if k != "kind"})
         rows.append(row)
     return rows
 
@@ -110,7 +114,7 @@ def build_report(tm: TaskModel, qm: QuantizedModel, texts: list[str], *, referen
     fid = fidelity(tm.task, reference, tm.run(qm.module, texts))
     fp32_bytes = serialized_bytes(tm.module)
     variant_bytes = serialized_bytes(qm.module)
-    layers = layer_errors(tm, qm, texts) if include_layers else []
+    layers = layer_errors(tm, qm, texts, errors=include_layers)
     quantized = [r for r in layers if r.get("weight_bytes") is not None]
     storage: dict[str, Any] = {"fp32_bytes": fp32_bytes, "variant_bytes": variant_bytes,
                                "ratio": round(variant_bytes / fp32_bytes, 4)}
@@ -131,7 +135,7 @@ def build_report(tm: TaskModel, qm: QuantizedModel, texts: list[str], *, referen
         "layer_summary": {"quantized": len(qm.layers), "kept": len(qm.kept),
                           "worst_output_sqnr_db": min(sq) if sq else None,
                           "median_output_sqnr_db": sorted(sq)[len(sq) // 2] if sq else None},
-        "layers": layers,
+        "layers": layers if include_layers else [],
     }
 
 

@@ -1,0 +1,232 @@
+"""Every strategy on the real all-MiniLM-L6-v2 (and the intent classifier), measured in one process.
+
+    .venv/bin/python bench/strategies.py            # full run, rewrites its section of bench/RESULTS.md
+    .venv/bin/python bench/strategies.py --quick    # fewer repetitions, prints only
+
+Throughput (batch 32 x 128 tokens) and latency (batch 1 x 16 tokens) are medians over rounds in
+which every variant runs once in turn, so drift on a shared machine hits all variants alike; each
+figure is reported as a ratio to FP32 measured in the same rounds. torch's stock
+``quantize_dynamic`` is measured too, as the usual INT8 route to beat.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import platform
+import statistics
+import sys
+import time
+import warnings
+from pathlib import Path
+
+import torch
+from torch import nn
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+from bench.results import machine_summary, write_section  # noqa: E402
+from quantization.fidelity import fidelity  # noqa: E402
+from quantization.models import load_task_model  # noqa: E402
+from quantization.pipeline import eval_texts, quantize_model  # noqa: E402
+from quantization.report import build_report, fidelity_cells, serialized_bytes  # noqa: E402
+
+STRATEGIES = ["fp32", "bf16", "fp16", "dynamic-int8", "static-int8", "onnx-int8", "weight-only-int8",
+              "weight-only-int4", "weight-sharing"]
+STOCK = "torch quantize_dynamic (reference)"
+
+
+def fixed_batch(tm, texts: list[str], batch: int, tokens: int) -> dict[str, torch.Tensor]:
+    """A batch of exactly ``tokens`` real tokens per row (texts joined, then cut): no padding."""
+    ids = tm.tokenizer(" ".join(texts * 4), add_special_tokens=False)["input_ids"]
+    cls, sep = tm.tokenizer.cls_token_id, tm.tokenizer.sep_token_id
+    rows = []
+    for i in range(batch):
+        start = (i * 37) % max(len(ids) - tokens, 1)
+        rows.append([cls, *ids[start:start + tokens - 2], sep])
+    input_ids = torch.tensor(rows)
+    return {"input_ids": input_ids, "attention_mask": torch.ones_like(input_ids),
+            "token_type_ids": torch.zeros_like(input_ids)}
+
+
+def matmul_floor(reps: int = 10) -> dict[str, float]:
+    """The machine's measured matmul rates at MiniLM's FFN shape (batch 32 x 128 tokens)."""
+    m, k, n = 4096, 384, 1536
+    a, b = torch.randn(m, k), torch.randn(k, n)
+    ai = torch.randint(-127, 127, (m, k), dtype=torch.int8)
+    bi = torch.randint(-127, 127, (n, k), dtype=torch.int8).t()
+    out = {}
+    for name, fn in (("fp32_gflops", lambda: a @ b), ("int8_gops", lambda: torch._int_mm(ai, bi))):
+        fn()
+        times = []
+        for _ in range(reps):
+            t = time.perf_counter()
+            fn()
+            times.append(time.perf_counter() - t)
+        out[name] = round(2 * m * k * n / statistics.median(times) / 1e9, 1)
+    return out
+
+
+def layer_budget(mini, variants: dict[str, object], reps: int) -> list[dict[str, float]]:
+    """Where an int8 Linear's time goes at batch 32 x 128: the bare int8 GEMM vs the whole layer."""
+    rows = []
+    for name in ("model.encoder.layer.0.intermediate.dense", "model.encoder.layer.0.output.dense"):
+        fp32 = mini.module.get_submodule(name)
+        x = torch.randn(32, 128, fp32.in_features)
+        q = torch.randint(-127, 127, (32 * 128, fp32.in_features), dtype=torch.int8)
+        fns = {"fp32": fp32}
+        for v in ("dynamic-int8", "static-int8"):
+            if v in variants:
+                fns[v] = variants[v].get_submodule(name)
+        w = torch.randint(-127, 127, (fp32.out_features, fp32.in_features), dtype=torch.int8)
+        fns["bare int8 GEMM"] = lambda _x: torch._int_mm(q, w.t())
+        with torch.inference_mode():
+            times = {k: statistics.median(_timed(f, x) for _ in range(reps)) for k, f in fns.items()}
+        rows.append({"layer": name, "shape": f"{32 * 128}x{fp32.in_features} -> {fp32.out_features}",
+                     **{k: round(1000 * t, 2) for k, t in times.items()}})
+    return rows
+
+
+def _timed(fn, x) -> float:
+    t = time.perf_counter()
+    fn(x)
+    return time.perf_counter() - t
+
+
+def linear_flops(module: nn.Module, tokens: int) -> int:
+    return sum(2 * tokens * m.in_features * m.out_features for m in module.modules() if type(m) is nn.Linear)
+
+
+def time_rounds(variants: dict[str, object], batch: dict[str, torch.Tensor], rounds: int) -> dict[str, float]:
+    with torch.inference_mode():
+        for fn in variants.values():
+            fn(**batch)  # warm-up
+        samples: dict[str, list[float]] = {name: [] for name in variants}
+        for _ in range(rounds):
+            for name, fn in variants.items():
+                t = time.perf_counter()
+                fn(**batch)
+                samples[name].append(time.perf_counter() - t)
+    return {name: statistics.median(s) for name, s in samples.items()}
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--quick", action="store_true", help="fewer rounds and texts; prints, does not write RESULTS.md")
+    ap.add_argument("--strategies", nargs="*", default=STRATEGIES)
+    args = ap.parse_args()
+    rounds_tp, rounds_lat = (2, 10) if args.quick else (7, 60)
+    texts = eval_texts()[: 64 if args.quick else None]
+    started = time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())
+
+    print("measuring the matmul floor ...", file=sys.stderr)
+    floor = matmul_floor()
+    mini, intent = load_task_model("minilm"), load_task_model("intent")
+    ref_mini, ref_intent = mini.run(None, texts), intent.run(None, texts)
+    variants, reports, intent_fid = {}, {}, {}
+    for name in args.strategies:
+        print(f"quantizing with {name} ...", file=sys.stderr)
+        qm = quantize_model(mini, name)
+        variants[name] = qm.module
+        reports[name] = build_report(mini, qm, texts, reference=ref_mini, include_layers=False)
+        iq = quantize_model(intent, name)
+        intent_fid[name] = fidelity("classify", ref_intent, intent.run(iq.module, texts))
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        t = time.perf_counter()
+        stock = torch.ao.quantization.quantize_dynamic(copy.deepcopy(mini.module), {nn.Linear}, dtype=torch.qint8)
+        stock_seconds = time.perf_counter() - t
+        istock = torch.ao.quantization.quantize_dynamic(copy.deepcopy(intent.module), {nn.Linear}, dtype=torch.qint8)
+    variants[STOCK] = stock
+    reports[STOCK] = {"storage": {"variant_bytes": len(_torch_save_bytes(stock)), "ratio": None},
+                      "quantization_seconds": stock_seconds,
+                      "fidelity": fidelity("embed", ref_mini, mini.run(stock, texts))}
+    reports[STOCK]["storage"]["ratio"] = reports[STOCK]["storage"]["variant_bytes"] / serialized_bytes(mini.module)
+    intent_fid[STOCK] = fidelity("classify", ref_intent, intent.run(istock, texts))
+
+    print("timing batch 32 x 128 ...", file=sys.stderr)
+    tp = time_rounds(variants, fixed_batch(mini, texts, 32, 128), rounds_tp)
+    print("timing batch 1 x 16 ...", file=sys.stderr)
+    lat = time_rounds(variants, fixed_batch(mini, texts, 1, 16), rounds_lat)
+
+    budget = layer_budget(mini, variants, 5 if args.quick else 15)
+    flops = linear_flops(mini.module, 32 * 128)
+    rows = []
+    for name in variants:
+        r = reports[name]
+        rows.append({
+            "variant": name,
+            "bytes": r["storage"]["variant_bytes"], "bytes_ratio": r["storage"]["ratio"],
+            "linear_ratio": r["storage"].get("linear_ratio"),
+            "quantize_s": r["quantization_seconds"],
+            "sentences_per_s": 32 / tp[name], "throughput_x": tp["fp32"] / tp[name],
+            "latency_ms": 1000 * lat[name], "latency_x": lat[name] / lat["fp32"],
+            "embed": r["fidelity"], "intent": intent_fid[name],
+        })
+    result = {"date": started, "machine": machine_summary(), "floor": floor, "texts": len(texts),
+              "linear_gflop_per_batch": round(flops / 1e9, 1), "rows": rows, "layer_budget": budget,
+              "command": "bench/strategies.py" + (" --quick" if args.quick else "")}
+    table = render(result)
+    print(table)
+    if not args.quick:
+        (ROOT / "bench" / "results").mkdir(exist_ok=True)
+        (ROOT / "bench" / "results" / "strategies.json").write_text(json.dumps(result, indent=2, default=str) + "\n")
+        write_section("strategies", table)
+    return 0
+
+
+def _torch_save_bytes(module: nn.Module) -> bytes:
+    import io
+
+    buf = io.BytesIO()
+    torch.save(module.state_dict(), buf)
+    return buf.getvalue()
+
+
+def render(result: dict) -> str:
+    f = result["floor"]
+    best_int8 = max((r for r in result["rows"] if "int8" in r["variant"] and "weight-only" not in r["variant"]),
+                    key=lambda r: r["sentences_per_s"])
+    ceiling = f["int8_gops"] * 1e9 / (result["linear_gflop_per_batch"] * 1e9) * 32
+    lines = [
+        "## Strategies on all-MiniLM-L6-v2",
+        "",
+        f"Measured {result['date']} on {result['machine']} with `{result['command']}`. "
+        f"Fidelity on {result['texts']} evaluation sentences (`quantization/data/eval_sentences.txt`) against "
+        "FP32; throughput is batch 32 x 128 tokens, latency batch 1 x 16 tokens, both medians of interleaved "
+        "rounds and given as ratios to FP32 in the same run (absolute figures drift on this shared machine).",
+        "",
+        "| variant | stored | x FP32 | Linear weights x FP32 | quantize s | throughput x FP32 | sentences/s | "
+        "latency x FP32 | latency ms | MiniLM fidelity | intent classifier fidelity |",
+        "|---|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    for r in result["rows"]:
+        lin = f"{r['linear_ratio']:.3f}" if r["linear_ratio"] else "-"
+        lines.append(
+            f"| {r['variant']} | {r['bytes'] / 1e6:.1f} MB | {r['bytes_ratio']:.3f} | {lin} | {r['quantize_s']:.2f} | "
+            f"**{r['throughput_x']:.2f}** | {r['sentences_per_s']:.1f} | **{r['latency_x']:.2f}** | "
+            f"{r['latency_ms']:.1f} | {fidelity_cells('embed', r['embed'])} | {fidelity_cells('classify', r['intent'])} |")
+    lines += [
+        "",
+        f"Floor: this machine's matmul runs at {f['fp32_gflops']} GFLOP/s in FP32 and {f['int8_gops']} GOP/s in int8 "
+        f"(`torch._int_mm`) at MiniLM's FFN shape. One batch of 32 x 128 tokens is "
+        f"{result['linear_gflop_per_batch']} GFLOP in MiniLM's Linear layers alone, so an int8 forward cannot exceed "
+        f"~{ceiling:.0f} sentences/s; the fastest int8 variant here ({best_int8['variant']}) reaches "
+        f"{best_int8['sentences_per_s']:.0f} ({100 * best_int8['sentences_per_s'] / ceiling:.0f}% of that). The rest goes "
+        "to attention, layer norm and GELU in FP32 and to quantizing activations at run time.",
+        "",
+        "Where an int8 layer's time goes (ms per call, batch 32 x 128, median):",
+        "",
+        "| layer | shape | " + " | ".join(k for k in result["layer_budget"][0] if k not in ("layer", "shape")) + " |",
+        "|---|---|" + "---|" * (len(result["layer_budget"][0]) - 2),
+    ]
+    for b in result["layer_budget"]:
+        lines.append(f"| {b['layer']} | {b['shape']} | " +
+                     " | ".join(str(v) for k, v in b.items() if k not in ("layer", "shape")) + " |")
+    return "\n".join(lines)
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
