@@ -67,8 +67,11 @@ class WeightOnlyLinear(QuantizedLinear):
     kind = "weight-only"
 
     def __init__(self, in_features: int, out_features: int, has_bias: bool, bits: int = 4,
-                 group_size: int = 128, symmetric: bool = False) -> None:
+                 group_size: int = 128, symmetric: bool = False, input_scale: bool = False) -> None:
         super().__init__(in_features, out_features, has_bias)
+        self.has_input_scale = input_scale
+        if input_scale:  # activation-aware (AWQ): weight column j was multiplied by input_scale[j]
+            self.register_buffer("input_scale", torch.ones(in_features))
         self.scheme = weight_only_scheme(bits, group_size, symmetric)  # validates bits (2..8)
         check_group_size(in_features, group_size)
         self.bits, self.group_size, self.symmetric = bits, group_size, symmetric
@@ -81,14 +84,24 @@ class WeightOnlyLinear(QuantizedLinear):
                                  torch.zeros(packed_size(out_features * groups, bits), dtype=torch.uint8))
 
     def config(self) -> dict[str, Any]:
-        return {**super().config(), "bits": self.bits, "group_size": self.group_size, "symmetric": self.symmetric}
+        return {**super().config(), "bits": self.bits, "group_size": self.group_size, "symmetric": self.symmetric,
+                "input_scale": self.has_input_scale}
 
     @classmethod
     def from_linear(cls, linear: nn.Linear, bits: int = 4, group_size: int = 128, symmetric: bool = False,
-                    weight_observer: Observer | None = None) -> "WeightOnlyLinear":
-        """Quantize ``linear``'s weight; ``weight_observer`` (with this layer's scheme) may choose the ranges."""
-        layer = cls(linear.in_features, linear.out_features, linear.bias is not None, bits, group_size, symmetric)
+                    weight_observer: Observer | None = None,
+                    input_scale: torch.Tensor | None = None) -> "WeightOnlyLinear":
+        """Quantize ``linear``'s weight; ``weight_observer`` (with this layer's scheme) may choose the ranges.
+
+        ``input_scale`` (AWQ): quantize W * s column-wise and divide it back out at run time, so
+        the input channels that carry large activations get finer steps.
+        """
+        layer = cls(linear.in_features, linear.out_features, linear.bias is not None, bits, group_size, symmetric,
+                    input_scale is not None)
         w = linear.weight.detach().float()
+        if input_scale is not None:
+            layer.input_scale.copy_(input_scale)
+            w = w * input_scale
         if weight_observer is not None:
             if weight_observer.scheme != layer.scheme:
                 raise InvalidConfigError(f"the weight observer's scheme ({weight_observer.scheme.describe()}) is not "
@@ -120,7 +133,8 @@ class WeightOnlyLinear(QuantizedLinear):
             w.sub_(self._offset())
         else:
             w.sub_(unpack_codes(self.weight_zero_point, self.bits, self.weight_scale.numel()).view(-1, 1))
-        return w.mul_(self.weight_scale.view(-1, 1)).view(self.out_features, self.in_features)
+        w = w.mul_(self.weight_scale.view(-1, 1)).view(self.out_features, self.in_features)
+        return w.div_(self.input_scale) if self.has_input_scale else w
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         w = self.dequantized_weight().to(x.dtype)
