@@ -156,7 +156,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     def model_args(p: argparse.ArgumentParser) -> None:
         p.add_argument("--model", "-m", required=True, help=MODEL_HELP)
-        p.add_argument("--task", choices=["embed", "classify"], help="task of a non-built-in model")
+        p.add_argument("--task", choices=["embed", "classify", "seq2seq"], help="task of a non-built-in model")
 
     def strategy_args(p: argparse.ArgumentParser) -> None:
         p.add_argument("-p", "--param", action="append", default=[], metavar="KEY=VALUE",
@@ -186,7 +186,7 @@ def build_parser() -> argparse.ArgumentParser:
     i = sub.add_parser("inspect", help="show a saved artifact's manifest")
     i.add_argument("directory")
     i.add_argument("--verify", metavar="MODEL", help="also check files, versions and that MODEL is its source")
-    i.add_argument("--task", choices=["embed", "classify"], help="task of a non-built-in --verify model")
+    i.add_argument("--task", choices=["embed", "classify", "seq2seq"], help="task of a non-built-in --verify model")
     i.add_argument("--json", action="store_true", help="print the raw manifest")
     return parser
 

@@ -77,6 +77,25 @@ class HFSequenceClassifier(nn.Module):
         return self.model(input_ids=input_ids, attention_mask=attention_mask, **kwargs).logits
 
 
+class Seq2SeqGenerator(nn.Module):
+    """A transformers seq2seq model whose forward is greedy/beam generation: token ids out.
+
+    Making generation the forward pass means calibration runs the decoder the way inference
+    does, and every strategy that swaps Linear layers applies to encoder and decoder alike.
+    """
+
+    def __init__(self, model: nn.Module, max_new_tokens: int = 64, num_beams: int = 1) -> None:
+        super().__init__()
+        self.model = model
+        self.max_new_tokens = max_new_tokens
+        self.num_beams = num_beams
+
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor,
+                token_type_ids: torch.Tensor | None = None) -> torch.Tensor:
+        return self.model.generate(input_ids=input_ids, attention_mask=attention_mask, do_sample=False,
+                                   max_new_tokens=self.max_new_tokens, num_beams=self.num_beams)
+
+
 @dataclass
 class TaskModel:
     name: str
@@ -106,11 +125,16 @@ class TaskModel:
             batch_size: int = 32) -> torch.Tensor:
         """Raw outputs of ``module`` (default: the FP32 module) for ``texts``, as float32.
 
-        embed -> unnormalised sentence embeddings [n, d]; classify -> logits [n, classes].
+        embed -> unnormalised sentence embeddings [n, d]; classify -> logits [n, classes];
+        seq2seq -> the generated texts (a list of strings).
         """
-        if self.task == "seq2seq":
-            raise NotImplementedError("seq2seq task models run through generate(); use run_generate")
         module = module if module is not None else self.module
+        if self.task == "seq2seq":
+            texts_out: list[str] = []
+            for batch in self.batches(texts, batch_size):
+                ids = module(**batch)
+                texts_out += self.tokenizer.batch_decode(ids, skip_special_tokens=True)
+            return texts_out  # type: ignore[return-value]
         outs = [module(**batch).float() for batch in self.batches(texts, batch_size)]
         return torch.cat(outs) if outs else torch.empty(0)
 
@@ -244,6 +268,24 @@ def load_hf_classifier(source: str, name: str | None = None) -> TaskModel:
                      target, digest, labels=labels)
 
 
+def load_seq2seq(source: str, name: str | None = None, max_new_tokens: int = 64, num_beams: int = 1) -> TaskModel:
+    """Any transformers ``AutoModelForSeq2SeqLM`` (Marian, T5, NLLB, M2M100) with its tokenizer."""
+    from transformers import AutoModelForSeq2SeqLM, AutoTokenizer
+
+    _quiet_transformers()
+    local = Path(source).expanduser()
+    target = str(local) if local.is_dir() else source
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(target)
+        model = AutoModelForSeq2SeqLM.from_pretrained(target).eval()
+    except Exception as exc:
+        raise ModelLoadError(f"could not load a seq2seq model from {source!r} ({type(exc).__name__}: {exc}); "
+                             "give a local model directory or a hub id with network access") from exc
+    digest = hash_files(_weight_files(local)) if local.is_dir() else f"hub:{source}"
+    return TaskModel(name or local.name or source, "seq2seq", Seq2SeqGenerator(model, max_new_tokens, num_beams).eval(),
+                     tokenizer, target, digest, info={"architecture": type(model).__name__})
+
+
 def load_task_model(source: str, task: str | None = None, name: str | None = None) -> TaskModel:
     """Load a built-in (``minilm``, ``intent``) or a local directory / hub id for ``task``."""
     if source == "minilm" and task in (None, "embed"):
@@ -257,9 +299,9 @@ def load_task_model(source: str, task: str | None = None, name: str | None = Non
         return load_embedder(source, name)
     if task == "classify":
         return load_hf_classifier(source, name)
-    if task not in TASKS:
-        raise ModelLoadError(f"unknown task {task!r}; choose one of: {', '.join(TASKS)}")
-    raise ModelLoadError(f"task {task!r} has no loader for source {source!r} yet")
+    if task == "seq2seq":
+        return load_seq2seq(source, name)
+    raise ModelLoadError(f"unknown task {task!r}; choose one of: {', '.join(TASKS)}")
 
 
 def default_threads() -> int:
