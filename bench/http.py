@@ -1,0 +1,257 @@
+"""The real service over HTTP under closed-loop load, against the same models called in-process.
+
+    .venv/bin/python bench/http.py            # full run, rewrites its section of bench/RESULTS.md
+    .venv/bin/python bench/http.py --quick    # shorter runs, prints only
+
+Starts ``python -m service`` (default config) on a free port, and C = 1, 8, 32 asyncio clients
+each send one-sentence requests back to back (``quantization.pipeline.eval_texts()`` in rotation)
+for a fixed time after a warm-up, per model and pinned variant. The same variants are built in
+this process and timed directly (``adapter.run``), before and after the HTTP runs, as baselines:
+one sentence per call (for HTTP overhead at C=1) and batches of 32 (for batching efficiency at C=32).
+"""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+# Run as a script, bench/ is sys.path[0], where this file would shadow the stdlib's http package.
+sys.path[:] = [str(ROOT)] + [p for p in sys.path if Path(p or ".").resolve() != ROOT / "bench"]
+
+import argparse, asyncio, itertools, json, re, signal, socket, statistics, subprocess, tempfile, time  # noqa: E401,E402
+from collections import Counter  # noqa: E402
+from typing import Any  # noqa: E402
+
+import httpx  # noqa: E402
+
+from bench.results import machine_summary, write_section  # noqa: E402
+from quantization.pipeline import eval_texts  # noqa: E402
+from service.app import create_app  # noqa: E402
+from service.config import load_settings  # noqa: E402
+
+MODELS = {"minilm": "/v1/embed", "intent": "/v1/classify"}
+VARIANTS = ["fp32", "int8"]
+CONCURRENCY = [1, 8, 32]
+BATCH = 32
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def wait_ready(url: str, proc: subprocess.Popen, log: Path, timeout: float = 900.0) -> float:
+    """Poll /readyz until 200; raise with the server's log tail if it exits or times out."""
+    start = time.perf_counter()
+    while time.perf_counter() - start < timeout:
+        if proc.poll() is not None:
+            raise RuntimeError(f"the service exited ({proc.returncode}):\n{log.read_text()[-2000:]}")
+        try:
+            if httpx.get(f"{url}/readyz", timeout=5).status_code == 200:
+                return time.perf_counter() - start
+        except httpx.HTTPError:
+            pass
+        time.sleep(0.5)
+    raise RuntimeError(f"the service was not ready after {timeout:.0f} s:\n{log.read_text()[-2000:]}")
+
+
+def stop(proc: subprocess.Popen, timeout: float = 20.0) -> None:
+    """SIGTERM, then SIGKILL if it has not exited within ``timeout``."""
+    if proc.poll() is None:
+        proc.send_signal(signal.SIGTERM)
+        try:
+            proc.wait(timeout)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+
+
+def in_process(registry: Any, texts: list[str], rounds: int) -> dict[tuple[str, str], dict[str, list[float]]]:
+    """Per (model, variant): single-sentence call seconds, and batch-of-32 sentences/s per round.
+
+    Variants take turns within each round, so drift on a shared machine hits them alike.
+    """
+    batches = [[texts[(i * BATCH + j) % len(texts)] for j in range(BATCH)] for i in range(-(-len(texts) // BATCH))]
+    out: dict[tuple[str, str], dict[str, list[float]]] = {}
+    for _ in range(rounds):
+        for model in MODELS:
+            served = registry.models[model]
+            run, tok = served.adapter.run, served.adapter.tokenize
+            for name in VARIANTS:
+                module = served.variants[name].module
+                s = out.setdefault((model, name), {"single_s": [], "batched_per_s": []})
+                run(module, tok(texts[:1]))  # warm-up
+                for text in texts:
+                    t = time.perf_counter()
+                    run(module, tok([text]))
+                    s["single_s"].append(time.perf_counter() - t)
+                t = time.perf_counter()
+                for b in batches:
+                    run(module, tok(b))
+                s["batched_per_s"].append(len(batches) * BATCH / (time.perf_counter() - t))
+    return out
+
+
+async def closed_loop(client: httpx.AsyncClient, path: str, variant: str, texts: list[str], clients: int,
+                      seconds: float) -> tuple[list[float], Counter, float]:
+    """``clients`` workers send one-sentence requests back to back until ``seconds`` have passed.
+
+    Returns the latencies of 200 answers, a count of everything else by status or exception, and
+    the elapsed time until the last worker finished.
+    """
+    latencies: list[float] = []
+    errors: Counter = Counter()
+    turn = itertools.count()
+    deadline = time.perf_counter() + seconds
+
+    async def worker() -> None:
+        while time.perf_counter() < deadline:
+            body = {"inputs": [texts[next(turn) % len(texts)]], "variant": variant}
+            t = time.perf_counter()
+            try:
+                r = await client.post(path, json=body)
+            except httpx.HTTPError as exc:
+                errors[type(exc).__name__] += 1
+                continue
+            if r.status_code == 200:
+                latencies.append(time.perf_counter() - t)
+            else:
+                errors[str(r.status_code)] += 1
+
+    start = time.perf_counter()
+    await asyncio.gather(*(worker() for _ in range(clients)))
+    return latencies, errors, time.perf_counter() - start
+
+
+def server_stats(url: str, model: str, variant: str) -> dict[str, float]:
+    """Sums and counts of the service's batch-size and queue-time histograms for one variant (/metrics)."""
+    got: dict[str, float] = Counter()
+    pattern = r"^quantserve_(batch_size|queue_duration_seconds)_(sum|count)\{([^}]*)\} (\S+)$"
+    for m in re.finditer(pattern, httpx.get(f"{url}/metrics").text, re.M):
+        if f'model="{model}"' in m[3] and f'variant="{variant}"' in m[3]:
+            got[f"{m[1]}_{m[2]}"] = float(m[4])
+    return got
+
+
+async def load(url: str, texts: list[str], seconds: float, warmup: float) -> list[dict[str, Any]]:
+    """Every model x variant x concurrency in turn: p50/p99 latency, throughput, errors, mean batch."""
+    rows = []
+    limits = httpx.Limits(max_connections=max(CONCURRENCY), max_keepalive_connections=max(CONCURRENCY))
+    async with httpx.AsyncClient(base_url=url, timeout=60, limits=limits) as client:
+        for model, path in MODELS.items():
+            for variant in VARIANTS:
+                r = await client.post(path, json={"inputs": [texts[0]], "variant": variant})
+                if r.status_code != 200 or r.json()["variant"] != variant or len(r.json()["results"]) != 1:
+                    raise RuntimeError(f"{path} {variant}: unexpected answer {r.status_code} {r.text[:300]}")
+                for c in CONCURRENCY:
+                    print(f"load: {model} {variant} c={c} ...", file=sys.stderr)
+                    await closed_loop(client, path, variant, texts, c, warmup)
+                    before = server_stats(url, model, variant)
+                    cpu = time.process_time()
+                    lat, errors, elapsed = await closed_loop(client, path, variant, texts, c, seconds)
+                    cpu = time.process_time() - cpu
+                    d = {k: v - before[k] for k, v in server_stats(url, model, variant).items()}
+                    n = d["batch_size_count"]
+                    xs = sorted(lat)
+                    pick = lambda q: 1000 * xs[min(len(xs) - 1, int(q * len(xs)))] if xs else float("nan")  # noqa: E731
+                    rows.append({"model": model, "variant": variant, "clients": c, "requests": len(lat),
+                                 "p50_ms": pick(0.50), "p99_ms": pick(0.99), "per_s": len(lat) / elapsed,
+                                 "errors": sum(errors.values()), "error_kinds": dict(errors),
+                                 "mean_batch": d["batch_size_sum"] / n if n else None,
+                                 "mean_queue_ms": 1000 * d["queue_duration_seconds_sum"] / d[
+                                     "queue_duration_seconds_count"] if d["queue_duration_seconds_count"] else None,
+                                 "client_cpu_share": cpu / elapsed, "seconds": elapsed})
+    return rows
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--quick", action="store_true", help="3 s runs; prints, does not write RESULTS.md")
+    args = ap.parse_args()
+    seconds, warmup, rounds = (3.0, 1.0, 1) if args.quick else (10.0, 2.0, 2)
+    texts = eval_texts()
+    started, t0 = time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()), time.perf_counter()
+
+    port = free_port()
+    url = f"http://127.0.0.1:{port}"
+    log = Path(tempfile.mkstemp(prefix="quantserve-bench-", suffix=".log")[1])
+    with log.open("w") as fh:
+        proc = subprocess.Popen([sys.executable, "-m", "service", "--host", "127.0.0.1", "--port", str(port),
+                                 "--log-level", "warning"], cwd=ROOT, stdout=fh, stderr=subprocess.STDOUT)
+    try:
+        print("building the variants in-process (the service builds its own meanwhile) ...", file=sys.stderr)
+        app = create_app(load_settings(probe_texts=8))
+        app.state.registry.build()
+        ready_s = wait_ready(url, proc, log)
+        print("timing in-process baselines ...", file=sys.stderr)
+        base = in_process(app.state.registry, texts, rounds)
+        rows = asyncio.run(load(url, texts, seconds, warmup))
+        print("timing in-process baselines again ...", file=sys.stderr)
+        for key, s in in_process(app.state.registry, texts, rounds).items():
+            base[key]["single_s"] += s["single_s"]
+            base[key]["batched_per_s"] += s["batched_per_s"]
+    finally:
+        stop(proc)
+    baselines = {f"{m}/{v}": {"single_ms": 1000 * statistics.median(s["single_s"]),
+                              "batched_per_s": statistics.median(s["batched_per_s"])} for (m, v), s in base.items()}
+    for r in rows:
+        b = baselines[f"{r['model']}/{r['variant']}"]
+        r["overhead_ms"] = r["p50_ms"] - b["single_ms"] if r["clients"] == 1 else None
+        r["overhead_x"] = r["p50_ms"] / b["single_ms"] if r["clients"] == 1 else None
+        r["batched_x"] = r["per_s"] / b["batched_per_s"] if r["clients"] == BATCH else None
+    result = {"date": started, "machine": machine_summary(), "texts": len(texts), "seconds": seconds,
+              "warmup": warmup, "service_ready_s": ready_s, "baselines": baselines, "rows": rows,
+              "command": "bench/http.py" + (" --quick" if args.quick else ""),
+              "wall_s": time.perf_counter() - t0}
+    table = render(result)
+    print(table)
+    print(f"wall time {result['wall_s']:.0f} s", file=sys.stderr)
+    if not args.quick:
+        (ROOT / "bench" / "results").mkdir(exist_ok=True)
+        (ROOT / "bench" / "results" / "http.json").write_text(json.dumps(result, indent=2) + "\n")
+        write_section("http", table)
+    log.unlink(missing_ok=True)
+    return 0
+
+
+def render(result: dict[str, Any]) -> str:
+    """The markdown section: one table per model, with its in-process baselines under it."""
+    lines = [
+        "## HTTP serving",
+        "",
+        f"Measured {result['date']} on {result['machine']} with `{result['command']}`. "
+        f"The service (`python -m service`, default config: dynamic batching up to 32 inputs / 5 ms, 5% shadow "
+        f"traffic) runs in its own process; C closed-loop clients (asyncio + httpx, on the same machine) each send "
+        f"one-sentence requests back to back for {result['seconds']:.0f} s after a {result['warmup']:.0f} s warm-up, "
+        f"cycling through the {result['texts']} evaluation sentences; latency is per request at the client, "
+        "requests/s equals sentences/s, and the baselines are the same variants called in-process "
+        "(`adapter.run`) in the same run: one sentence per call for the overhead at C=1, batches of 32 for "
+        "the throughput ratio at C=32.",
+    ]
+    for model, path in MODELS.items():
+        lines += ["", f"`{model}` (`POST {path}`):", "",
+                  "| variant | clients | p50 ms | p99 ms | requests/s | errors | mean batch | mean queue ms | "
+                  "x in-process batched throughput | overhead over in-process at c=1 (ms, ratio) |",
+                  "|---|---|---|---|---|---|---|---|---|---|"]
+        for r in (r for r in result["rows"] if r["model"] == model):
+            batched = f"**{r['batched_x']:.2f}**" if r["batched_x"] is not None else "-"
+            over = f"+{r['overhead_ms']:.1f} ms, x{r['overhead_x']:.2f}" if r["overhead_ms"] is not None else "-"
+            mean = f"{r['mean_batch']:.1f}" if r["mean_batch"] is not None else "-"
+            queue = f"{r['mean_queue_ms']:.1f}" if r["mean_queue_ms"] is not None else "-"
+            lines.append(f"| {r['variant']} | {r['clients']} | {r['p50_ms']:.1f} | {r['p99_ms']:.1f} | "
+                         f"{r['per_s']:.1f} | {r['errors']} | {mean} | {queue} | {batched} | {over} |")
+        base = ", ".join(f"{v} {result['baselines'][f'{model}/{v}']['single_ms']:.1f} ms per sentence alone, "
+                         f"{result['baselines'][f'{model}/{v}']['batched_per_s']:.0f} sentences/s in batches of 32"
+                         for v in VARIANTS)
+        lines += ["", f"In-process: {base}."]
+    cpu = max(r["client_cpu_share"] for r in result["rows"])
+    lines += ["", "Mean batch and mean queue ms (time a request waited for its batch's model call to start) come "
+              f"from the service's /metrics; the load generator itself used up to {100 * cpu:.0f}% of one core, "
+              f"taken from the same {result['machine'].split(', ')[1]} as the service."]
+    return "\n".join(lines)
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

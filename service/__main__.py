@@ -1,0 +1,51 @@
+"""python -m service [--host H] [--port P] [--config FILE]: serve the configured models with uvicorn."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+
+import uvicorn
+
+from .app import create_app
+from .config import ConfigError, load_settings
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(prog="python -m service", description=__doc__)
+    ap.add_argument("--host", help="address to listen on (env QUANTSERVE_HOST, default 127.0.0.1)")
+    ap.add_argument("--port", type=int, help="port (env QUANTSERVE_PORT, default 8000)")
+    ap.add_argument("--config", help="YAML file of models (env QUANTSERVE_CONFIG, default: built-in)")
+    ap.add_argument("--artifacts-dir", help="save built variants here and reuse them on restart "
+                                            "(env QUANTSERVE_ARTIFACTS_DIR)")
+    ap.add_argument("--log-level", choices=["debug", "info", "warning", "error"])
+    args = ap.parse_args(argv)
+    try:
+        settings = load_settings(args.config, host=args.host, port=args.port, log_level=args.log_level,
+                                 artifacts_dir=args.artifacts_dir)
+    except ConfigError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    logging.basicConfig(level=settings.log_level.upper(), stream=sys.stderr,
+                        format="%(asctime)s level=%(levelname)s logger=%(name)s %(message)s")
+    failure: list[str] = []
+    server: uvicorn.Server | None = None
+
+    def stop(message: str) -> None:
+        failure.append(message)
+        if server is not None:
+            server.should_exit = True
+
+    app = create_app(settings, on_startup_failure=stop)
+    server = uvicorn.Server(uvicorn.Config(app, host=settings.host, port=settings.port,
+                                           log_level=settings.log_level, access_log=False))
+    server.run()
+    if failure:
+        print(f"error: {failure[0]}", file=sys.stderr)
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

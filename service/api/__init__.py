@@ -1,0 +1,1 @@
+"""HTTP routers, one per resource; thin: resolve, call serving, shape the response."""

@@ -1,0 +1,25 @@
+"""Typed dependencies that keep route signatures short."""
+
+from __future__ import annotations
+
+from typing import Annotated
+
+from fastapi import Depends, Header, Request
+
+from ..registry import Registry
+from ..serving import Serving
+
+
+def get_registry(request: Request) -> Registry:
+    return request.app.state.registry
+
+
+def get_serving(request: Request) -> Serving:
+    return request.app.state.serving
+
+
+RegistryDep = Annotated[Registry, Depends(get_registry)]
+ServingDep = Annotated[Serving, Depends(get_serving)]
+VariantHeader = Annotated[str | None, Header(alias="X-Variant", description="pin a variant")]
+RequestKeyHeader = Annotated[str | None, Header(alias="X-Request-Key",
+                                                description="sticky key for the A/B split (e.g. a user id)")]

@@ -1,0 +1,28 @@
+"""GET /livez, /readyz and /metrics."""
+
+from __future__ import annotations
+
+from fastapi import APIRouter, Request, Response
+from fastapi.responses import JSONResponse
+
+from .deps import RegistryDep
+
+router = APIRouter()
+
+
+@router.get("/livez", summary="The process is up")
+async def livez() -> dict[str, str]:
+    return {"status": "alive"}
+
+
+@router.get("/readyz", summary="200 once every model and variant is built and warmed up; 503 before")
+async def readyz(registry: RegistryDep) -> JSONResponse:
+    body = {"ready": registry.ready, "models": {m.name: list(m.variants) for m in registry.models.values()},
+            "progress": registry.progress[-5:], "error": registry.error}
+    return JSONResponse(body, status_code=200 if registry.ready else 503,
+                        headers=None if registry.ready else {"Retry-After": "5"})
+
+
+@router.get("/metrics", summary="Prometheus metrics", response_class=Response)
+async def metrics(request: Request) -> Response:
+    return Response(request.app.state.metrics.render(), media_type="text/plain; version=0.0.4; charset=utf-8")

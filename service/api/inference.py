@@ -1,0 +1,98 @@
+"""POST /v1/embed, /v1/embeddings (OpenAI-compatible), /v1/classify, /v1/compare."""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+
+import numpy as np
+from fastapi import APIRouter, Response
+
+from ..errors import ServiceError, UnknownModel
+from ..schemas import (ClassifyRequest, ClassifyResponse, CompareRequest, CompareResponse, EmbedRequest,
+                       EmbedResponse, ErrorResponse, OpenAIEmbeddingsRequest, OpenAIEmbeddingsResponse)
+from ..serving import as_results
+from .deps import RequestKeyHeader, ServingDep, VariantHeader
+
+ERRORS = {404: {"model": ErrorResponse}, 422: {"model": ErrorResponse}, 429: {"model": ErrorResponse},
+          503: {"model": ErrorResponse}}
+router = APIRouter(prefix="/v1", responses=ERRORS)
+
+
+class InvalidInput(ServiceError):
+    status, type = 422, "invalid_request"
+
+
+@router.post("/embed", response_model=EmbedResponse, summary="Sentence embeddings from one variant")
+async def embed(req: EmbedRequest, response: Response, serving: ServingDep, x_variant: VariantHeader = None,
+                x_request_key: RequestKeyHeader = None) -> EmbedResponse:
+    served, variant = serving.resolve(req.model, "embed", req.variant or x_variant, x_request_key)
+    out = await serving.infer(served, variant, req.inputs, "embed")
+    response.headers["X-Variant"] = variant.name
+    return EmbedResponse(model=served.name, variant=variant.name, dimension=int(out.outputs[0].numel()),
+                         results=as_results(served.adapter, out.outputs, normalize=req.normalize),
+                         usage={"input_tokens": out.tokens}, queue_seconds=out.batch.queue_seconds,
+                         inference_seconds=out.batch.inference_seconds)
+
+
+@router.post("/embeddings", response_model=OpenAIEmbeddingsResponse,
+             summary="OpenAI-compatible embeddings (the official openai client works unchanged)")
+async def embeddings(req: OpenAIEmbeddingsRequest, response: Response, serving: ServingDep,
+                     x_variant: VariantHeader = None, x_request_key: RequestKeyHeader = None):
+    texts = [req.input] if isinstance(req.input, str) else list(req.input)
+    served, variant = serving.resolve(req.model, "embed", x_variant, x_request_key)
+    out = await serving.infer(served, variant, texts, "embeddings")
+    dim = int(out.outputs[0].numel())
+    if req.dimensions is not None and req.dimensions != dim:
+        raise InvalidInput(f"dimensions: model {served.name!r} has {dim} dimensions and cannot shorten them; "
+                           f"omit dimensions or pass {dim}")
+    data = []
+    for i, vec in enumerate(out.outputs):
+        values = served.adapter.embedding(vec, normalize=True)
+        if req.encoding_format == "base64":
+            values = base64.b64encode(np.asarray(values, dtype=np.float32).tobytes()).decode("ascii")
+        data.append({"object": "embedding", "index": i, "embedding": values})
+    response.headers["X-Variant"] = variant.name
+    return OpenAIEmbeddingsResponse(data=data, model=served.name,
+                                    usage={"prompt_tokens": out.tokens, "total_tokens": out.tokens})
+
+
+@router.post("/classify", response_model=ClassifyResponse, summary="Labels with probabilities from one variant")
+async def classify(req: ClassifyRequest, response: Response, serving: ServingDep, x_variant: VariantHeader = None,
+                   x_request_key: RequestKeyHeader = None) -> ClassifyResponse:
+    served, variant = serving.resolve(req.model, "classify", req.variant or x_variant, x_request_key)
+    out = await serving.infer(served, variant, req.inputs, "classify")
+    response.headers["X-Variant"] = variant.name
+    return ClassifyResponse(model=served.name, variant=variant.name,
+                            results=as_results(served.adapter, out.outputs, top_k=req.top_k),
+                            usage={"input_tokens": out.tokens}, queue_seconds=out.batch.queue_seconds,
+                            inference_seconds=out.batch.inference_seconds)
+
+
+@router.post("/compare", response_model=CompareResponse,
+             summary="The same inputs through every variant of a model, side by side with FP32 agreement")
+async def compare(req: CompareRequest, serving: ServingDep) -> CompareResponse:
+    configured = {m.name: m.task for m in serving.registry.settings.models}
+    if req.model not in configured:
+        raise UnknownModel(f"no model named {req.model!r}; available: {', '.join(configured)}",
+                           available=list(configured))
+    task = configured[req.model]
+    served, _ = serving.resolve(req.model, task, None, None)
+    names = list(served.variants)
+    runs = await asyncio.gather(*(serving.infer(served, served.variants[n], req.inputs, "compare", shadow=False)
+                                  for n in names))
+    by_name = dict(zip(names, runs))
+    baseline = served.config.baseline
+    reference = by_name[baseline].outputs if baseline else None
+    variants = []
+    for name, run in by_name.items():
+        agreement = per_input = None
+        if reference is not None:
+            agreement = served.adapter.agreement(reference, run.outputs)
+            per_input = [served.adapter.per_input_agreement(task, r, o) for r, o in zip(reference, run.outputs)]
+        variants.append({"variant": name, "strategy": served.variants[name].config.strategy,
+                         "latency_seconds": run.batch.queue_seconds + run.batch.inference_seconds,
+                         "queue_seconds": run.batch.queue_seconds, "inference_seconds": run.batch.inference_seconds,
+                         "results": as_results(served.adapter, run.outputs, top_k=3),
+                         "agreement": agreement, "per_input_agreement": per_input})
+    return CompareResponse(model=served.name, task=task, baseline=baseline, variants=variants)

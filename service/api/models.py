@@ -1,0 +1,27 @@
+"""GET /v1/models and /v1/models/{name}: variants, sizes, start-up fidelity and live latency."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from fastapi import APIRouter
+
+from ..errors import UnknownModel
+from .deps import RegistryDep
+
+router = APIRouter(prefix="/v1")
+
+
+@router.get("/models", summary="Every model with its variants")
+async def list_models(registry: RegistryDep) -> dict[str, Any]:
+    return {"ready": registry.ready, "models": [m.describe() for m in registry.models.values()],
+            "configured": registry.settings.model_names()}
+
+
+@router.get("/models/{name}", summary="One model with its variants")
+async def get_model(name: str, registry: RegistryDep) -> dict[str, Any]:
+    served = registry.models.get(name)
+    if served is None:
+        names = registry.settings.model_names()
+        raise UnknownModel(f"no model named {name!r}; available: {', '.join(names)}", available=names)
+    return served.describe()

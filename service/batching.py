@@ -1,0 +1,277 @@
+"""Dynamic batching: merge concurrent requests for one (model, variant) into few model calls.
+
+Model calls are far cheaper per item in batches, and they are CPU-bound, so they run in an
+executor thread while the event loop keeps accepting requests. One :class:`DynamicBatcher`
+per variant owns a FIFO queue of requests; a single worker task cuts batches off its head
+(bounded by item count and token cost), runs them one at a time, and hands each request back
+exactly its own outputs, in order, even when the request was split across several calls.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import concurrent.futures
+import logging
+import math
+import time
+from collections import deque
+from dataclasses import dataclass, field
+from typing import Any, Callable
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class BatchConfig:
+    max_batch_size: int = 32  # items (input strings) per model call
+    max_wait_ms: float = 5.0  # how long the first queued item waits for company
+    max_batch_tokens: int = 8192  # sum of item costs per model call
+    max_queue: int = 1024  # items waiting; beyond it submit() raises QueueFull
+
+
+class QueueFull(Exception):
+    """Raised at once (no waiting) so the handler can answer 429 with a Retry-After."""
+
+    def __init__(self, message: str, retry_after_s: float) -> None:
+        super().__init__(message)
+        self.retry_after_s = retry_after_s
+
+
+class BatcherClosed(Exception):
+    """The batcher is stopping or stopped: the request was not (fully) run."""
+
+
+@dataclass
+class BatchResult:
+    outputs: list[Any]  # one per submitted item, in order
+    queue_seconds: float  # submit() until the request's first item entered a model call
+    inference_seconds: float  # summed duration of the model calls that carried its items
+    batch_sizes: list[int]  # sizes of those model calls
+
+
+@dataclass(eq=False)
+class _Request:
+    """One submit() call; `taken` items have left the queue for model calls."""
+
+    items: list[Any]
+    costs: list[int]
+    future: asyncio.Future[BatchResult]
+    submitted: float
+    outputs: list[Any] = field(default_factory=list)
+    taken: int = 0
+    done_items: int = 0
+    first_start: float | None = None
+    inference_seconds: float = 0.0
+    batch_sizes: list[int] = field(default_factory=list)
+
+
+# A batch is a list of slices: (request, start, end) into request.items.
+_Batch = list[tuple[_Request, int, int]]
+
+
+class DynamicBatcher:
+    def __init__(self, name: str, run_batch: Callable[[list[Any]], list[Any]], config: BatchConfig,
+                 cost: Callable[[Any], int] = lambda item: 1,
+                 on_batch: Callable[[int, int, float], None] | None = None,
+                 executor: concurrent.futures.Executor | None = None) -> None:
+        if config.max_batch_size < 1 or config.max_queue < 1 or config.max_wait_ms < 0:
+            raise ValueError(f"invalid batch config: {config}")
+        self.name = name
+        self.config = config
+        self._run_batch = run_batch
+        self._cost = cost
+        self._on_batch = on_batch
+        self._own_executor = executor is None
+        self._executor = executor or concurrent.futures.ThreadPoolExecutor(
+            max_workers=1, thread_name_prefix=f"batcher-{name}")
+        self._queue: deque[_Request] = deque()
+        self._queued_items = 0
+        self._queued_cost = 0
+        self._wakeup: asyncio.Event | None = None
+        self._worker: asyncio.Task[None] | None = None
+        self._closing = False
+        self._recent: deque[float] = deque(maxlen=32)  # seconds per recent model call
+
+    # -- public ---------------------------------------------------------------------------------
+    @property
+    def queued_items(self) -> int:
+        return self._queued_items
+
+    @property
+    def running(self) -> bool:
+        """True while submit() is accepted: started, not stopping, worker alive."""
+        return self._worker is not None and not self._closing and not self._worker.done()
+
+    async def start(self) -> None:
+        """Start the worker on the running loop (the Event must belong to that loop)."""
+        if self._worker is not None:
+            raise RuntimeError(f"batcher {self.name} already started")
+        self._wakeup = asyncio.Event()
+        self._worker = asyncio.get_running_loop().create_task(self._work(), name=f"batcher-{self.name}")
+
+    async def stop(self, drain: bool = True) -> None:
+        """drain: run everything queued first; else fail it. A call already running always finishes."""
+        self._closing = True
+        if not drain:
+            for req in list(self._queue):
+                self._fail(req, BatcherClosed(f"batcher {self.name} stopped"))
+        if self._worker is not None and self._wakeup is not None:
+            self._wakeup.set()
+            await asyncio.shield(self._worker)
+        if self._own_executor:
+            self._executor.shutdown(wait=False)
+
+    async def submit(self, items: list[Any], cost: list[int] | None = None) -> BatchResult:
+        """Queue `items` and wait for their outputs; cancelling the caller drops what is still queued."""
+        if self._closing:
+            raise BatcherClosed(f"batcher {self.name} is stopped")
+        if not items:
+            return BatchResult(outputs=[], queue_seconds=0.0, inference_seconds=0.0, batch_sizes=[])
+        if self._worker is None or self._wakeup is None:
+            raise RuntimeError(f"batcher {self.name} not started")
+        costs = [int(c) for c in cost] if cost is not None else [int(self._cost(i)) for i in items]
+        if len(costs) != len(items):
+            raise ValueError(f"{len(costs)} costs for {len(items)} items")
+        if any(c < 0 for c in costs):
+            raise ValueError("item costs must be >= 0")
+        if self._queued_items + len(items) > self.config.max_queue:
+            raise QueueFull(f"batcher {self.name}: {self._queued_items} items queued, limit "
+                            f"{self.config.max_queue}", retry_after_s=self._retry_after())
+        req = _Request(items=list(items), costs=costs, future=asyncio.get_running_loop().create_future(),
+                       submitted=time.perf_counter(), outputs=[None] * len(items))
+        self._queue.append(req)
+        self._queued_items += len(items)
+        self._queued_cost += sum(costs)
+        self._wakeup.set()
+        try:
+            return await req.future
+        except asyncio.CancelledError:
+            self._unqueue(req)  # client gone: its queued items must never reach the model
+            raise
+
+    # -- worker ---------------------------------------------------------------------------------
+    async def _work(self) -> None:
+        assert self._wakeup is not None
+        wait_s = self.config.max_wait_ms / 1000.0
+        try:
+            while True:
+                if not self._queue:
+                    if self._closing:
+                        return
+                    self._wakeup.clear()
+                    await self._wakeup.wait()  # idle: sleep until a submit or stop
+                    continue
+                if not self._closing and not self._full():
+                    remaining = self._queue[0].submitted + wait_s - time.perf_counter()
+                    if remaining > 0:
+                        self._wakeup.clear()
+                        try:
+                            await asyncio.wait_for(self._wakeup.wait(), remaining)
+                        except asyncio.TimeoutError:
+                            pass
+                        continue  # re-check: the queue may have filled up or shrunk
+                batch = self._take()
+                try:
+                    await self._run(batch)
+                except Exception as exc:  # noqa: BLE001 - e.g. unindexable outputs; keep serving
+                    log.exception("batcher %s: delivering a batch failed", self.name)
+                    for req, _, _ in batch:
+                        self._fail(req, exc)
+        finally:
+            for req in list(self._queue):  # only non-empty if the worker itself was cancelled
+                self._fail(req, BatcherClosed(f"batcher {self.name} stopped"))
+
+    def _full(self) -> bool:
+        """No further item could join the batch at the head, so waiting is pointless."""
+        return (self._queued_items >= self.config.max_batch_size
+                or self._queued_cost >= self.config.max_batch_tokens)
+
+    def _take(self) -> _Batch:
+        """Cut the next batch off the queue head, FIFO, within the size and token budgets."""
+        batch: _Batch = []
+        n = total = 0
+        while self._queue and n < self.config.max_batch_size:
+            req = self._queue[0]
+            start = req.taken
+            while req.taken < len(req.items) and n < self.config.max_batch_size:
+                c = req.costs[req.taken]
+                if n and total + c > self.config.max_batch_tokens:
+                    break  # an oversize item still runs, but only alone
+                req.taken += 1
+                n += 1
+                total += c
+            if req.taken > start:
+                batch.append((req, start, req.taken))
+                self._queued_items -= req.taken - start
+                self._queued_cost -= sum(req.costs[start:req.taken])
+            if req.taken < len(req.items):
+                break
+            self._queue.popleft()
+        return batch
+
+    async def _run(self, batch: _Batch) -> None:
+        """One model call in the executor; deliver results or the error to exactly its requests."""
+        if not batch:
+            return
+        items = [item for req, a, b in batch for item in req.items[a:b]]
+        size, total = len(items), sum(c for req, a, b in batch for c in req.costs[a:b])
+        start = time.perf_counter()
+        for req, _, _ in batch:
+            if req.first_start is None:
+                req.first_start = start
+        try:
+            outputs = await asyncio.get_running_loop().run_in_executor(self._executor, self._run_batch, items)
+            if len(outputs) != size:
+                raise ValueError(f"run_batch returned {len(outputs)} outputs for {size} items")
+        except asyncio.CancelledError:  # worker cancelled (loop shutdown): nobody may wait forever
+            for req, _, _ in batch:
+                self._fail(req, BatcherClosed(f"batcher {self.name} stopped during a model call"))
+            raise
+        except Exception as exc:  # noqa: BLE001 - any model error fails this batch only
+            self._recent.append(time.perf_counter() - start)
+            log.warning("batcher %s: batch of %d failed: %r", self.name, size, exc)
+            for req, _, _ in batch:
+                self._fail(req, exc)
+            return
+        seconds = time.perf_counter() - start
+        self._recent.append(seconds)
+        i = 0
+        for req, a, b in batch:
+            for j in range(a, b):
+                req.outputs[j] = outputs[i]
+                i += 1
+            req.inference_seconds += seconds
+            req.batch_sizes.append(size)
+            req.done_items += b - a
+            if req.done_items == len(req.items) and not req.future.done():
+                req.future.set_result(BatchResult(
+                    outputs=req.outputs, queue_seconds=(req.first_start or start) - req.submitted,
+                    inference_seconds=req.inference_seconds, batch_sizes=req.batch_sizes))
+        if self._on_batch is not None:
+            try:
+                self._on_batch(size, total, seconds)
+            except Exception:  # noqa: BLE001 - a metrics bug must not stop serving
+                log.exception("batcher %s: on_batch hook failed", self.name)
+
+    # -- helpers --------------------------------------------------------------------------------
+    def _unqueue(self, req: _Request) -> None:
+        """Remove the not-yet-taken items of `req` from the queue (cancel, failure, closing)."""
+        try:
+            self._queue.remove(req)
+        except ValueError:
+            return
+        self._queued_items -= len(req.items) - req.taken
+        self._queued_cost -= sum(req.costs[req.taken:])
+        req.taken = len(req.items)
+
+    def _fail(self, req: _Request, exc: BaseException) -> None:
+        self._unqueue(req)  # the rest of a split request would be wasted work
+        if not req.future.done():
+            req.future.set_exception(exc)
+
+    def _retry_after(self) -> float:
+        """Seconds until the queue has likely drained enough: batches ahead x recent batch time."""
+        per_batch = (sum(self._recent) / len(self._recent)) if self._recent else 0.05
+        per_batch += self.config.max_wait_ms / 1000.0
+        batches = math.ceil(max(self._queued_items, 1) / self.config.max_batch_size)
+        return max(0.001, batches * per_batch)

@@ -1,0 +1,180 @@
+"""One Settings object: environment variables (QUANTSERVE_*) over a YAML file of models over defaults.
+
+A bad config stops start-up with one sentence naming the field and what to write there
+(:func:`load_settings` raises :class:`ConfigError`; ``python -m service`` prints it and exits 2).
+"""
+
+from __future__ import annotations
+
+import os
+import re
+from importlib import resources
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict
+
+ENV_PREFIX = "QUANTSERVE_"
+NAME = r"^[a-z0-9][a-z0-9_.-]{0,62}$"
+Task = Literal["embed", "classify", "translate"]
+
+
+class ConfigError(Exception):
+    """The configuration is invalid; the message says which field and what to write."""
+
+
+def _unique(names: list[str], what: str) -> None:
+    dupes = sorted({n for n in names if names.count(n) > 1})
+    if dupes:
+        raise ValueError(f"{what} names must be unique; {', '.join(dupes)} appears more than once")
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+class VariantConfig(_Strict):
+    name: str = Field(pattern=NAME, description="variant name used in requests, e.g. fp32 or int8")
+    strategy: str = Field(description="a quantization strategy (python -m quantization strategies lists them)")
+    params: dict[str, Any] = Field(default_factory=dict, description="strategy parameters")
+    artifact: str | None = Field(None, description="directory of a saved artifact to load instead of quantizing")
+
+    @field_validator("strategy")
+    @classmethod
+    def _known_strategy(cls, value: str) -> str:
+        from quantization.strategies import strategy_names
+
+        names = strategy_names()
+        if value not in names:
+            raise ValueError(f"unknown strategy {value!r}; write one of: {', '.join(names)}")
+        return value
+
+
+class RoutingConfig(_Strict):
+    default: str | None = Field(None, description="variant that serves unpinned requests (default: the first)")
+    split: dict[str, float] | None = Field(
+        None, description="weighted A/B split {variant: weight}; sticky per X-Request-Key when the client sends one")
+    shadow: float = Field(0.0, ge=0.0, le=1.0, description="fraction of requests also run on the shadow variant")
+    shadow_variant: str | None = Field(
+        None, description="variant shadow traffic runs on (default: the FP32 baseline, or for the baseline itself, "
+                          "the first other variant)")
+
+    @field_validator("split")
+    @classmethod
+    def _weights(cls, value: dict[str, float] | None) -> dict[str, float] | None:
+        if value is not None:
+            if not value or any(w < 0 for w in value.values()) or sum(value.values()) <= 0:
+                raise ValueError("split needs non-negative weights with a positive sum, e.g. {fp32: 0.5, int8: 0.5}")
+        return value
+
+
+class ModelConfig(_Strict):
+    name: str = Field(pattern=NAME)
+    task: Task
+    source: str = Field(description="minilm, intent, a local model directory, or a hub id (needs network)")
+    variants: list[VariantConfig] = Field(min_length=1)
+    routing: RoutingConfig = Field(default_factory=RoutingConfig)
+    max_input_tokens: int = Field(256, ge=8, le=8192, description="longer inputs are truncated to this many tokens")
+
+    @model_validator(mode="after")
+    def _consistent(self) -> "ModelConfig":
+        names = [v.name for v in self.variants]
+        _unique(names, "variant")
+        r = self.routing
+        for field, value in (("default", r.default), ("shadow_variant", r.shadow_variant)):
+            if value is not None and value not in names:
+                raise ValueError(f"routing.{field} is {value!r}; write one of the variants: {', '.join(names)}")
+        unknown = sorted(set(r.split or {}) - set(names))
+        if unknown:
+            raise ValueError(f"routing.split names {', '.join(unknown)}; write only variants: {', '.join(names)}")
+        return self
+
+    @property
+    def default_variant(self) -> str:
+        return self.routing.default or self.variants[0].name
+
+    @property
+    def baseline(self) -> str | None:
+        """The FP32 variant that fidelity is measured against, if the model has one."""
+        return next((v.name for v in self.variants if v.strategy == "fp32"), None)
+
+
+class BatchingConfig(_Strict):
+    max_batch_size: int = Field(32, ge=1, le=1024)
+    max_wait_ms: float = Field(5.0, ge=0.0, le=1000.0)
+    max_batch_tokens: int = Field(8192, ge=16)
+    max_queue: int = Field(1024, ge=1, description="inputs waiting per variant before requests get 429")
+
+
+class Settings(BaseSettings):
+    model_config = SettingsConfigDict(env_prefix=ENV_PREFIX, env_nested_delimiter="__", extra="forbid")
+
+    host: str = "127.0.0.1"
+    port: int = Field(8000, ge=0, le=65535)
+    config: Path | None = Field(None, description="YAML file with models (default: the built-in config)")
+    log_level: Literal["debug", "info", "warning", "error"] = "info"
+    artifacts_dir: Path | None = Field(
+        None, description="save built variants here and load them on the next start instead of quantizing again")
+    probe_texts: int = Field(64, ge=1, le=240, description="built-in sentences used to measure start-up fidelity")
+    threads: int | None = Field(None, ge=1, description="torch intra-op threads (default: torch's choice)")
+    batching: BatchingConfig = Field(default_factory=BatchingConfig)
+    models: list[ModelConfig] = Field(min_length=1)
+
+    @model_validator(mode="after")
+    def _unique_models(self) -> "Settings":
+        _unique([m.name for m in self.models], "model")
+        return self
+
+    @classmethod
+    def settings_customise_sources(cls, settings_cls: type[BaseSettings], init_settings: PydanticBaseSettingsSource,
+                                   env_settings: PydanticBaseSettingsSource, dotenv_settings: PydanticBaseSettingsSource,
+                                   file_secret_settings: PydanticBaseSettingsSource):
+        # keyword arguments (the CLI) > environment > the YAML file (passed in as defaults by load_settings)
+        return init_settings, env_settings
+
+    def model_names(self, task: str | None = None) -> list[str]:
+        return [m.name for m in self.models if task is None or m.task == task]
+
+
+def default_config_text() -> str:
+    return resources.files("service").joinpath("default_config.yaml").read_text(encoding="utf-8")
+
+
+def load_settings(config: str | Path | None = None, **overrides: Any) -> Settings:
+    """Settings from ``config`` (or $QUANTSERVE_CONFIG, or the built-in file), env vars and ``overrides``."""
+    path = config or os.environ.get(f"{ENV_PREFIX}CONFIG")
+    try:
+        text = Path(path).read_text(encoding="utf-8") if path else default_config_text()
+    except OSError as exc:
+        raise ConfigError(f"cannot read the config file {path} ({exc.strerror}); give an existing YAML file with "
+                          f"--config or {ENV_PREFIX}CONFIG") from None
+    try:
+        data = yaml.safe_load(text) or {}
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"the config file {path} is not valid YAML ({str(exc).splitlines()[0]}); fix its syntax") from None
+    if not isinstance(data, dict):
+        raise ConfigError(f"the config file {path or 'built-in'} must be a YAML mapping with a 'models' list")
+    # The YAML's keys are plain defaults: an environment variable or a CLI option wins over them.
+    env_keys = {k[len(ENV_PREFIX):].lower().split("__")[0] for k in os.environ if k.startswith(ENV_PREFIX)}
+    values = {k: v for k, v in data.items() if k not in env_keys}
+    values.update({k: v for k, v in overrides.items() if v is not None})
+    if path:
+        values["config"] = Path(path)
+    try:
+        return Settings(**values)
+    except ValidationError as exc:
+        raise ConfigError(describe_validation_error(exc, path)) from None
+
+
+def describe_validation_error(exc: ValidationError, path: Any = None) -> str:
+    err = exc.errors()[0]
+    where = ".".join(str(p) for p in err["loc"]) or "the config"
+    msg = re.sub(r"^Value error, ", "", err["msg"])
+    if err["type"] == "extra_forbidden":
+        msg = "unknown field; remove it or check its spelling"
+    elif err["type"] == "missing":
+        msg = "required; add it"
+    more = f" (and {len(exc.errors()) - 1} more problem(s))" if len(exc.errors()) > 1 else ""
+    return f"invalid config{f' in {path}' if path else ''}: {where}: {msg}{more}"

@@ -1,0 +1,78 @@
+"""Every Prometheus metric the service exports, defined in one place.
+
+One prefix (``quantserve_``), base units in the names, labels ``model``, ``task``, ``variant``
+(plus ``endpoint``/``status`` on requests and ``metric``/``source`` on fidelity). Each app owns
+its own registry, so two apps in one process (tests) never clash. Every variant's series exist
+from start-up (:meth:`Metrics.declare_variant`), not only after its first request.
+"""
+
+from __future__ import annotations
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+from prometheus_client import PROCESS_COLLECTOR, PLATFORM_COLLECTOR  # noqa: F401  (documented defaults)
+from prometheus_client.process_collector import ProcessCollector
+
+PREFIX = "quantserve"
+LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.075, 0.1, 0.25, 0.5, 0.75, 1.0, 2.5, 5.0, 10.0)
+BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256)
+VARIANT = ("model", "task", "variant")
+ENDPOINTS = {"embed": ("embed", "embeddings", "compare"), "classify": ("classify", "compare"),
+             "translate": ("translate", "compare")}
+
+
+class Metrics:
+    def __init__(self) -> None:
+        r = self.registry = CollectorRegistry(auto_describe=True)
+        ProcessCollector(registry=r)  # process_resident_memory_bytes, cpu seconds, open fds
+        self.requests = Counter(f"{PREFIX}_requests_total", "HTTP requests answered, by status code",
+                                (*VARIANT, "endpoint", "status"), registry=r)
+        self.request_seconds = Histogram(f"{PREFIX}_request_duration_seconds",
+                                         "Time from request received to response ready", (*VARIANT, "endpoint"),
+                                         buckets=LATENCY_BUCKETS, registry=r)
+        self.queue_seconds = Histogram(f"{PREFIX}_queue_duration_seconds",
+                                       "Time a request waited for its first batch", VARIANT,
+                                       buckets=LATENCY_BUCKETS, registry=r)
+        self.inference_seconds = Histogram(f"{PREFIX}_inference_duration_seconds",
+                                           "Duration of one batched model call", VARIANT,
+                                           buckets=LATENCY_BUCKETS, registry=r)
+        self.batch_size = Histogram(f"{PREFIX}_batch_size", "Inputs per batched model call", VARIANT,
+                                    buckets=BATCH_BUCKETS, registry=r)
+        self.inputs = Counter(f"{PREFIX}_inputs_total", "Inputs (texts) processed", VARIANT, registry=r)
+        self.tokens = Counter(f"{PREFIX}_tokens_total", "Input tokens processed", VARIANT, registry=r)
+        self.weight_bytes = Gauge(f"{PREFIX}_weight_bytes", "Stored bytes of the variant's weights", VARIANT,
+                                  registry=r)
+        self.memory_bytes = Gauge(f"{PREFIX}_variant_memory_bytes",
+                                  "Resident memory the process grew by while building the variant", VARIANT,
+                                  registry=r)
+        self.quantization_seconds = Gauge(f"{PREFIX}_quantization_seconds",
+                                          "Seconds spent building the variant at start-up", VARIANT, registry=r)
+        self.fidelity = Gauge(f"{PREFIX}_fidelity", "Agreement of the variant with the FP32 baseline "
+                              "(source=startup: the probe set; source=shadow: running mean over shadow traffic)",
+                              (*VARIANT, "metric", "source"), registry=r)
+        self.shadow_comparisons = Counter(f"{PREFIX}_shadow_comparisons_total",
+                                          "Inputs compared between a served variant and its shadow", VARIANT,
+                                          registry=r)
+        self.info = Gauge(f"{PREFIX}_model_info", "Static facts about each variant (value is always 1)",
+                          (*VARIANT, "strategy", "runtime", "source"), registry=r)
+        self.ready = Gauge(f"{PREFIX}_ready", "1 once every model and variant is built and warmed up", registry=r)
+
+    def declare_variant(self, model: str, task: str, variant: str, *, strategy: str, runtime: str, source: str,
+                        weight_bytes: int, memory_bytes: int, quantization_seconds: float,
+                        fidelity: dict[str, float]) -> None:
+        labels = (model, task, variant)
+        for endpoint in ENDPOINTS.get(task, ()):
+            self.requests.labels(*labels, endpoint, "200")
+            self.request_seconds.labels(*labels, endpoint)
+        for metric in (self.queue_seconds, self.inference_seconds, self.batch_size, self.inputs, self.tokens,
+                       self.shadow_comparisons):
+            metric.labels(*labels)
+        self.weight_bytes.labels(*labels).set(weight_bytes)
+        self.memory_bytes.labels(*labels).set(memory_bytes)
+        self.quantization_seconds.labels(*labels).set(quantization_seconds)
+        for name, value in fidelity.items():
+            if name != "n":
+                self.fidelity.labels(*labels, name, "startup").set(value)
+        self.info.labels(*labels, strategy, runtime, source).set(1)
+
+    def render(self) -> bytes:
+        return generate_latest(self.registry)

@@ -1,0 +1,253 @@
+"""Builds every configured model's variants at start-up and holds them while the service runs.
+
+For each model: load the FP32 model once; for each variant, load its saved artifact if there is a
+valid one (``artifact`` in the config, or ``artifacts_dir/<model>/<variant>``) or quantize it with
+the library (saving it to ``artifacts_dir`` when set); warm it up; record the seconds it took,
+its stored weight bytes, how much resident memory the process grew by, and its fidelity to the
+FP32 baseline on a built-in probe set. Ready only when all of that is done.
+"""
+
+from __future__ import annotations
+
+import collections
+import logging
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import psutil
+import torch
+
+from quantization.artifacts import load_artifact, read_manifest, save_artifact
+from quantization.errors import ArtifactError, QuantizationError
+from quantization.models import TaskModel, load_task_model
+from quantization.pipeline import eval_texts, quantize_model
+from quantization.report import serialized_bytes
+
+from .batching import BatchConfig, DynamicBatcher
+from .config import ModelConfig, Settings, VariantConfig
+from .errors import UnknownModel
+from .metrics import Metrics
+from .routing import Router
+from .tasks import TaskAdapter
+
+log = logging.getLogger("service.registry")
+LIBRARY_TASK = {"embed": "embed", "classify": "classify", "translate": "seq2seq"}
+LATENCY_WINDOW = 2048
+
+
+class StartupError(Exception):
+    """A model or variant could not be built; the message says what and how to fix it."""
+
+
+@dataclass
+class Variant:
+    model: str
+    task: str
+    name: str
+    config: VariantConfig
+    module: Any
+    runtime: str
+    quantization_seconds: float
+    loaded_from_artifact: bool
+    weight_bytes: int
+    memory_bytes: int
+    fidelity: dict[str, float]
+    kept: list[str]
+    batcher: DynamicBatcher | None = None
+    latencies: collections.deque = field(default_factory=lambda: collections.deque(maxlen=LATENCY_WINDOW))
+    requests: int = 0
+    inputs: int = 0
+    shadow: dict[str, float] = field(default_factory=lambda: {"n": 0, "sum": 0.0})
+
+    def record_latency(self, seconds: float, inputs: int) -> None:
+        self.latencies.append(seconds)
+        self.requests += 1
+        self.inputs += inputs
+
+    def latency_percentiles(self) -> dict[str, float | None]:
+        if not self.latencies:
+            return {"p50": None, "p90": None, "p99": None}
+        xs = sorted(self.latencies)
+        pick = lambda q: round(xs[min(len(xs) - 1, int(q * len(xs)))], 6)  # noqa: E731
+        return {"p50": pick(0.50), "p90": pick(0.90), "p99": pick(0.99)}
+
+    def describe(self) -> dict[str, Any]:
+        return {
+            "name": self.name, "strategy": self.config.strategy, "params": self.config.params,
+            "runtime": self.runtime, "weight_bytes": self.weight_bytes, "memory_bytes": self.memory_bytes,
+            "quantization_seconds": round(self.quantization_seconds, 4),
+            "loaded_from_artifact": self.loaded_from_artifact, "kept_in_fp32": self.kept,
+            "startup_fidelity": self.fidelity,
+            "shadow_agreement": ({"inputs": int(self.shadow["n"]), "mean": self.shadow["sum"] / self.shadow["n"]}
+                                 if self.shadow["n"] else {"inputs": 0, "mean": None}),
+            "requests": self.requests, "inputs": self.inputs,
+            "latency_seconds": self.latency_percentiles(),
+        }
+
+
+@dataclass
+class ServedModel:
+    config: ModelConfig
+    task_model: TaskModel
+    adapter: TaskAdapter
+    router: Router
+    variants: dict[str, Variant] = field(default_factory=dict)
+
+    @property
+    def name(self) -> str:
+        return self.config.name
+
+    def variant(self, name: str) -> Variant:
+        return self.variants[self.router.check(name)]
+
+    def describe(self) -> dict[str, Any]:
+        c = self.config
+        return {"name": c.name, "task": c.task, "source": c.source, "default_variant": c.default_variant,
+                "baseline": c.baseline, "max_input_tokens": c.max_input_tokens,
+                "routing": c.routing.model_dump(), "labels": len(self.task_model.labels or []) or None,
+                "variants": [v.describe() for v in self.variants.values()]}
+
+
+class Registry:
+    def __init__(self, settings: Settings, metrics: Metrics) -> None:
+        self.settings = settings
+        self.metrics = metrics
+        self.models: dict[str, ServedModel] = {}
+        self.ready = False
+        self.error: str | None = None
+        self.progress: list[str] = []
+
+    # -- lookup --------------------------------------------------------------------------------
+    def get(self, name: str | None, task: str) -> ServedModel:
+        if name is None:
+            name = next((m for m in self.settings.model_names(task)), None)
+            if name is None:
+                raise UnknownModel(f"no {task} model is configured; configured models: "
+                                   f"{', '.join(self.settings.model_names())}", available=self.settings.model_names())
+        model = self.models.get(name)
+        if model is None or model.config.task != task:
+            available = self.settings.model_names(task)
+            raise UnknownModel(f"no {task} model named {name!r}; available: {', '.join(available) or 'none'}",
+                               available=available)
+        return model
+
+    # -- start-up ------------------------------------------------------------------------------
+    def build(self) -> None:
+        """Load, quantize and measure everything (blocking; run it off the event loop)."""
+        if self.settings.threads:
+            torch.set_num_threads(self.settings.threads)
+        probes = eval_texts()[: self.settings.probe_texts]
+        for mc in self.settings.models:
+            self._say(f"event=model_loading model={mc.name} task={mc.task} source={mc.source}")
+            tm = self._load(mc)
+            served = ServedModel(mc, tm, TaskAdapter(tm, mc.max_input_tokens), Router(mc))
+            probe_items = served.adapter.tokenize(probes)
+            reference = served.adapter.run(tm.module, probe_items)
+            for vc in mc.variants:
+                served.variants[vc.name] = self._build_variant(served, vc, probe_items, reference)
+            self.models[mc.name] = served
+
+    def _say(self, message: str) -> None:
+        self.progress.append(message)
+        log.info(message)
+
+    def _load(self, mc: ModelConfig) -> TaskModel:
+        try:
+            tm = load_task_model(mc.source, LIBRARY_TASK[mc.task], name=mc.name)
+        except QuantizationError as exc:
+            raise StartupError(f"model {mc.name!r}: {exc}") from None
+        if mc.task == "translate":
+            raise StartupError(f"model {mc.name!r}: the translate task is not served yet; remove it from the config")
+        tm.max_length = mc.max_input_tokens
+        return tm
+
+    def _artifact_dir(self, mc: ModelConfig, vc: VariantConfig) -> Path | None:
+        if vc.artifact:
+            return Path(vc.artifact)
+        if self.settings.artifacts_dir:
+            return Path(self.settings.artifacts_dir) / mc.name / vc.name
+        return None
+
+    def _build_variant(self, served: ServedModel, vc: VariantConfig, probe_items, reference) -> Variant:
+        mc, tm = served.config, served.task_model
+        rss = psutil.Process().memory_info().rss
+        start = time.perf_counter()
+        directory = self._artifact_dir(mc, vc)
+        qm, from_artifact = None, False
+        if directory is not None and (directory / "manifest.json").is_file():
+            try:
+                manifest = read_manifest(directory)
+                if manifest["strategy"] != vc.strategy or manifest["params"] != _full_params(vc):
+                    raise ArtifactError(f"it holds {manifest['strategy']} {manifest['params']}, not what the config asks")
+                qm, from_artifact = load_artifact(directory, tm), True
+            except ArtifactError as exc:
+                if vc.artifact:
+                    raise StartupError(f"model {mc.name!r} variant {vc.name!r}: {exc}") from None
+                self._say(f"event=artifact_rebuild model={mc.name} variant={vc.name} reason={str(exc)!r}")
+        if qm is None:
+            try:
+                qm = quantize_model(tm, vc.strategy, vc.params)
+            except QuantizationError as exc:
+                raise StartupError(f"model {mc.name!r} variant {vc.name!r} ({vc.strategy}): {exc}") from None
+            if directory is not None and not vc.artifact:
+                save_artifact(tm, qm, directory)
+        outputs = served.adapter.run(qm.module, probe_items)  # warm-up and fidelity in one pass
+        seconds = time.perf_counter() - start
+        grown = max(0, psutil.Process().memory_info().rss - rss)
+        fid = served.adapter.agreement(reference, outputs)
+        variant = Variant(model=mc.name, task=mc.task, name=vc.name, config=vc, module=qm.module, runtime=qm.runtime,
+                          quantization_seconds=seconds, loaded_from_artifact=from_artifact,
+                          weight_bytes=serialized_bytes(qm.module), memory_bytes=grown,
+                          fidelity={k: round(v, 6) for k, v in fid.items()}, kept=qm.kept)
+        self.metrics.declare_variant(mc.name, mc.task, vc.name, strategy=vc.strategy, runtime=qm.runtime,
+                                     source=mc.source, weight_bytes=variant.weight_bytes, memory_bytes=grown,
+                                     quantization_seconds=seconds, fidelity=fid)
+        self._say(f"event=variant_ready model={mc.name} variant={vc.name} strategy={vc.strategy} "
+                  f"seconds={seconds:.2f} artifact={from_artifact} weight_bytes={variant.weight_bytes} "
+                  f"rss_growth_bytes={grown} fidelity={fid}")
+        return variant
+
+    async def start_batchers(self) -> None:
+        b = self.settings.batching
+        config = BatchConfig(max_batch_size=b.max_batch_size, max_wait_ms=b.max_wait_ms,
+                             max_batch_tokens=b.max_batch_tokens, max_queue=b.max_queue)
+        for served in self.models.values():
+            for v in served.variants.values():
+                v.batcher = DynamicBatcher(f"{served.name}/{v.name}", _runner(served.adapter, v.module), config,
+                                           cost=len, on_batch=_observer(self.metrics, v))
+                await v.batcher.start()
+        self.ready = True
+        self.metrics.ready.set(1)
+
+    async def stop(self) -> None:
+        self.ready = False
+        self.metrics.ready.set(0)
+        for served in self.models.values():
+            for v in served.variants.values():
+                if v.batcher is not None:
+                    await v.batcher.stop(drain=True)
+
+
+def _full_params(vc: VariantConfig) -> dict[str, Any]:
+    from quantization.strategies import get_strategy, parse_params
+
+    cls = get_strategy(vc.strategy)
+    return parse_params(cls, vc.params).model_dump()
+
+
+def _runner(adapter: TaskAdapter, module: Any):
+    return lambda items: adapter.run(module, items)
+
+
+def _observer(metrics: Metrics, v: Variant):
+    labels = (v.model, v.task, v.name)
+
+    def on_batch(size: int, cost: int, seconds: float) -> None:
+        metrics.batch_size.labels(*labels).observe(size)
+        metrics.inference_seconds.labels(*labels).observe(seconds)
+        metrics.inputs.labels(*labels).inc(size)
+        metrics.tokens.labels(*labels).inc(cost)
+
+    return on_batch

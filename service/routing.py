@@ -1,0 +1,62 @@
+"""Which variant serves a request: pinned by the client, or the model's weighted A/B split.
+
+A split is sticky per ``X-Request-Key``: the key is hashed to a point in [0, 1) that always falls
+in the same variant's share, so a user keeps seeing one variant. Without a key each request is
+drawn at random. Shadow traffic: a sampled fraction of requests also runs on a second variant,
+off the response path, to measure agreement on live inputs.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import random
+
+from .config import ModelConfig
+from .errors import UnknownVariant
+
+
+class Router:
+    def __init__(self, config: ModelConfig, rng: random.Random | None = None) -> None:
+        self.model = config.name
+        self.variants = [v.name for v in config.variants]
+        self.default = config.default_variant
+        self.baseline = config.baseline
+        split = config.routing.split
+        self.split = [(name, w) for name, w in (split or {}).items() if w > 0]
+        self.total = sum(w for _, w in self.split)
+        self.shadow = config.routing.shadow
+        self.shadow_variant = config.routing.shadow_variant
+        self.rng = rng or random.Random()
+
+    def check(self, variant: str) -> str:
+        if variant not in self.variants:
+            raise UnknownVariant(f"model {self.model!r} has no variant {variant!r}; available: "
+                                 f"{', '.join(self.variants)}", available=self.variants)
+        return variant
+
+    def choose(self, pinned: str | None = None, request_key: str | None = None) -> str:
+        if pinned:
+            return self.check(pinned)
+        if not self.split:
+            return self.default
+        point = _unit_hash(request_key) if request_key else self.rng.random()
+        edge = 0.0
+        for name, weight in self.split:
+            edge += weight / self.total
+            if point < edge:
+                return name
+        return self.split[-1][0]
+
+    def shadow_target(self, served: str) -> str | None:
+        """The variant to shadow this request on, or None (not sampled, or nothing to compare with)."""
+        if self.shadow <= 0 or len(self.variants) < 2 or self.rng.random() >= self.shadow:
+            return None
+        target = self.shadow_variant or (self.baseline if served != self.baseline else None)
+        if target is None or target == served:
+            target = next((v for v in self.variants if v != served), None)
+        return target
+
+
+def _unit_hash(key: str) -> float:
+    digest = hashlib.sha256(key.encode("utf-8", "surrogatepass")).digest()
+    return int.from_bytes(digest[:8], "big") / 2**64

@@ -1,0 +1,133 @@
+"""Request and response bodies (pydantic): what the OpenAPI docs at /docs show.
+
+Every response that answers a list of inputs carries one entry per input, in input order, under
+``results``, each with its ``index``; the same shape for embed, classify and compare.
+"""
+
+from __future__ import annotations
+
+from typing import Annotated, Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, StringConstraints
+
+MAX_INPUTS = 256
+MAX_CHARS = 20_000
+Text = Annotated[str, StringConstraints(max_length=MAX_CHARS)]
+Inputs = Annotated[list[Text], Field(min_length=1, max_length=MAX_INPUTS,
+                                     description=f"1 to {MAX_INPUTS} texts of at most {MAX_CHARS} characters")]
+
+
+class _Request(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+class Usage(BaseModel):
+    input_tokens: int = Field(description="tokens the model read, after truncation")
+
+
+class Timing(BaseModel):
+    queue_seconds: float = Field(description="time waiting for a batch")
+    inference_seconds: float = Field(description="time in the batched model calls that carried this request")
+
+
+class EmbedRequest(_Request):
+    model: str | None = Field(None, description="embedding model (default: the first configured)")
+    inputs: Inputs
+    variant: str | None = Field(None, description="pin a variant (also: X-Variant header)")
+    normalize: bool = Field(True, description="L2-normalise the vectors")
+
+
+class EmbedResult(BaseModel):
+    index: int
+    embedding: list[float]
+
+
+class EmbedResponse(Timing):
+    model: str
+    variant: str
+    dimension: int
+    results: list[EmbedResult]
+    usage: Usage
+
+
+class ClassifyRequest(_Request):
+    model: str | None = Field(None, description="classification model (default: the first configured)")
+    inputs: Inputs
+    top_k: int = Field(1, ge=1, le=1000, description="labels to return per input, best first")
+    variant: str | None = Field(None, description="pin a variant (also: X-Variant header)")
+
+
+class LabelScore(BaseModel):
+    label: str
+    score: float
+
+
+class ClassifyResult(BaseModel):
+    index: int
+    labels: list[LabelScore]
+
+
+class ClassifyResponse(Timing):
+    model: str
+    variant: str
+    results: list[ClassifyResult]
+    usage: Usage
+
+
+class CompareRequest(_Request):
+    model: str = Field(description="the model whose variants to compare")
+    inputs: Annotated[list[Text], Field(min_length=1, max_length=32, description="1 to 32 texts")]
+
+
+class VariantComparison(Timing):
+    variant: str
+    strategy: str
+    latency_seconds: float = Field(description="queue + inference time of this variant for these inputs")
+    results: list[dict[str, Any]] = Field(description="per input: embedding or labels, as /v1/embed or /v1/classify")
+    agreement: dict[str, float] | None = Field(
+        description="against the FP32 baseline: mean/min cosine (embed) or top-1 agreement and mean |dp| (classify)")
+    per_input_agreement: list[float] | None = Field(description="cosine or 1/0 top-1 match, per input")
+
+
+class CompareResponse(BaseModel):
+    model: str
+    task: str
+    baseline: str | None
+    variants: list[VariantComparison]
+
+
+class OpenAIEmbeddingsRequest(BaseModel):
+    model_config = ConfigDict(extra="ignore")  # clients send fields (user, ...) that change nothing here
+
+    input: Text | Inputs
+    model: str
+    encoding_format: Literal["float", "base64"] = "float"
+    dimensions: int | None = Field(None, ge=1, description="must equal the model's dimension if given")
+    user: str | None = None
+
+
+class OpenAIEmbedding(BaseModel):
+    object: Literal["embedding"] = "embedding"
+    index: int
+    embedding: list[float] | str
+
+
+class OpenAIUsage(BaseModel):
+    prompt_tokens: int
+    total_tokens: int
+
+
+class OpenAIEmbeddingsResponse(BaseModel):
+    object: Literal["list"] = "list"
+    data: list[OpenAIEmbedding]
+    model: str
+    usage: OpenAIUsage
+
+
+class ErrorDetail(BaseModel):
+    type: str
+    message: str
+
+
+class ErrorResponse(BaseModel):
+    error: ErrorDetail

@@ -1,0 +1,424 @@
+"""DynamicBatcher: merging, budgets, ordering, timing, failure isolation, cancellation, shutdown.
+
+Plain test functions drive their own event loop with asyncio.run (no pytest-asyncio plugin).
+The fake model records every call so the tests can check batch composition directly.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import concurrent.futures
+import threading
+import time
+from typing import Any, Awaitable, Callable, TypeVar
+
+import pytest
+import torch
+
+from service.batching import BatchConfig, BatchResult, BatcherClosed, DynamicBatcher, QueueFull
+
+T = TypeVar("T")
+
+
+class FakeModel:
+    """Upper-cases strings; records each call's items and thread; can block on a gate or fail."""
+
+    def __init__(self, sleep_s: float = 0.002, fail_on: str | None = None, gated: bool = False) -> None:
+        self.sleep_s = sleep_s
+        self.fail_on = fail_on
+        self.calls: list[list[str]] = []
+        self.threads: list[int] = []
+        self.gate = threading.Event()
+        self.entered = threading.Event()
+        if not gated:
+            self.gate.set()
+
+    def __call__(self, items: list[str]) -> list[str]:
+        self.calls.append(list(items))
+        self.threads.append(threading.get_ident())
+        self.entered.set()
+        assert self.gate.wait(timeout=10), "test forgot to open the gate"
+        time.sleep(self.sleep_s)
+        if self.fail_on is not None and self.fail_on in items:
+            raise RuntimeError(f"model failed on {self.fail_on}")
+        return [s.upper() for s in items]
+
+    @property
+    def ran(self) -> list[str]:
+        return [item for call in self.calls for item in call]
+
+
+async def wait_until(pred: Callable[[], bool], timeout: float = 5.0) -> None:
+    deadline = time.perf_counter() + timeout
+    while not pred():
+        assert time.perf_counter() < deadline, "condition not reached in time"
+        await asyncio.sleep(0.001)
+
+
+def arun(main: Callable[[], Awaitable[T]], *models: FakeModel, timeout: float = 10.0) -> T:
+    """asyncio.run with a deadline, so a batcher bug fails the test instead of hanging it."""
+
+    async def guarded() -> T:
+        try:
+            return await asyncio.wait_for(main(), timeout)
+        finally:
+            for m in models:
+                m.gate.set()  # never leave an executor thread blocked behind a failed test
+
+    return asyncio.run(guarded())
+
+
+def run_with(model: Callable[[list[Any]], list[Any]], config: BatchConfig,
+             body: Callable[[DynamicBatcher], Awaitable[T]], **kwargs: Any) -> T:
+    """Start a batcher, run the test body, always stop (drain) it."""
+
+    async def main() -> T:
+        b = DynamicBatcher("test/fp32", model, config, **kwargs)
+        await b.start()
+        try:
+            return await body(b)
+        finally:
+            if isinstance(model, FakeModel):
+                model.gate.set()
+            await b.stop(drain=True)
+
+    return arun(main, *([model] if isinstance(model, FakeModel) else []))
+
+
+def test_concurrent_requests_are_merged_and_answered_with_their_own_outputs() -> None:
+    model = FakeModel(sleep_s=0.005)
+    requests = [[f"r{r}i{i}" for i in range(1 + r % 3)] for r in range(64)]
+
+    async def body(b: DynamicBatcher) -> list[BatchResult]:
+        return await asyncio.gather(*(b.submit(items) for items in requests))
+
+    results = run_with(model, BatchConfig(max_batch_size=16, max_wait_ms=20), body)
+    for items, res in zip(requests, results):
+        assert res.outputs == [s.upper() for s in items]
+        assert all(size <= 16 for size in res.batch_sizes)
+        assert res.queue_seconds >= 0 and res.inference_seconds > 0
+    total = sum(len(r) for r in requests)
+    assert sorted(model.ran) == sorted(i for r in requests for i in r)  # every item ran exactly once
+    assert all(len(c) <= 16 for c in model.calls)
+    assert len(model.calls) <= total // 16 + 3  # far fewer calls than the 64 requests
+
+
+def test_fifo_order_across_requests() -> None:
+    model = FakeModel()
+
+    async def body(b: DynamicBatcher) -> None:
+        tasks = [asyncio.create_task(b.submit([f"{r}-{i}" for i in range(3)])) for r in range(10)]
+        await asyncio.gather(*tasks)
+
+    run_with(model, BatchConfig(max_batch_size=4, max_wait_ms=10), body)
+    assert model.ran == [f"{r}-{i}" for r in range(10) for i in range(3)]
+
+
+def test_token_budget_is_respected_and_an_oversize_item_runs_alone() -> None:
+    model = FakeModel()
+    words = ["aaaa", "bb", "cccccc", "d", "eeeee", "ff", "gggggggggggggggggggg", "hhh", "iiiiiii", "j"]
+
+    async def body(b: DynamicBatcher) -> list[BatchResult]:
+        return await asyncio.gather(*(b.submit([w]) for w in words))
+
+    results = run_with(model, BatchConfig(max_batch_size=32, max_wait_ms=20, max_batch_tokens=10), body,
+                       cost=len)
+    assert [r.outputs for r in results] == [[w.upper()] for w in words]
+    for call in model.calls:
+        assert sum(map(len, call)) <= 10 or len(call) == 1
+    assert ["gggggggggggggggggggg"] in model.calls  # cost 20 > budget: still runs, alone
+    assert model.ran == words
+
+
+def test_explicit_costs_override_the_cost_function() -> None:
+    model = FakeModel()
+
+    async def body(b: DynamicBatcher) -> BatchResult:
+        return await b.submit(["a", "b", "c", "d"], cost=[6, 6, 6, 6])
+
+    res = run_with(model, BatchConfig(max_batch_size=32, max_wait_ms=1, max_batch_tokens=12), body)
+    assert model.calls == [["a", "b"], ["c", "d"]]
+    assert res.outputs == ["A", "B", "C", "D"] and res.batch_sizes == [2, 2]
+
+
+def test_oversize_request_is_split_and_reassembled_in_order() -> None:
+    model = FakeModel()
+    items = [f"w{i:02d}" for i in range(20)]
+
+    async def body(b: DynamicBatcher) -> BatchResult:
+        return await b.submit(items)
+
+    res = run_with(model, BatchConfig(max_batch_size=8, max_wait_ms=1), body)
+    assert res.outputs == [s.upper() for s in items]
+    assert res.batch_sizes == [8, 8, 4]
+    assert [len(c) for c in model.calls] == [8, 8, 4]
+    assert res.inference_seconds >= 3 * model.sleep_s
+
+
+def test_lone_request_waits_about_max_wait() -> None:
+    model = FakeModel(sleep_s=0.01)
+
+    async def body(b: DynamicBatcher) -> tuple[float, BatchResult]:
+        t0 = time.perf_counter()
+        res = await b.submit(["solo"])
+        return time.perf_counter() - t0, res
+
+    elapsed, res = run_with(model, BatchConfig(max_batch_size=8, max_wait_ms=60), body)
+    assert res.outputs == ["SOLO"]
+    assert 0.055 <= res.queue_seconds < 0.2
+    assert 0.06 <= elapsed < 0.06 + 0.01 + 0.2  # max_wait + run time, plus scheduling slack
+
+
+def test_full_batch_runs_without_waiting() -> None:
+    model = FakeModel()
+
+    async def body(b: DynamicBatcher) -> float:
+        t0 = time.perf_counter()
+        await asyncio.gather(*(b.submit([f"x{i}"]) for i in range(4)))
+        return time.perf_counter() - t0
+
+    elapsed = run_with(model, BatchConfig(max_batch_size=4, max_wait_ms=3000), body)
+    assert elapsed < 1.0
+    assert model.calls == [["x0", "x1", "x2", "x3"]]
+
+
+def test_failure_is_isolated_to_its_batch() -> None:
+    model = FakeModel(fail_on="boom", gated=True)
+
+    async def body(b: DynamicBatcher) -> None:
+        first = asyncio.create_task(b.submit(["warm"]))  # occupies the model while we queue
+        await wait_until(model.entered.is_set)
+        same_batch = [asyncio.create_task(b.submit(["x"])), asyncio.create_task(b.submit(["boom"]))]
+        next_batch = [asyncio.create_task(b.submit(["y"])), asyncio.create_task(b.submit(["z"]))]
+        await wait_until(lambda: b.queued_items == 4)
+        model.gate.set()
+        assert (await first).outputs == ["WARM"]
+        for t in same_batch:
+            with pytest.raises(RuntimeError, match="boom"):
+                await t
+        assert [(await t).outputs for t in next_batch] == [["Y"], ["Z"]]
+        assert b.running
+        assert (await b.submit(["later"])).outputs == ["LATER"]
+
+    run_with(model, BatchConfig(max_batch_size=2, max_wait_ms=5), body)
+    assert model.calls == [["warm"], ["x", "boom"], ["y", "z"], ["later"]]
+
+
+def test_failed_part_of_a_split_request_drops_its_remaining_items() -> None:
+    model = FakeModel(fail_on="boom")
+
+    async def body(b: DynamicBatcher) -> None:
+        with pytest.raises(RuntimeError):
+            await b.submit(["boom", "a", "b", "c", "d"])
+        assert b.queued_items == 0
+        assert (await b.submit(["ok"])).outputs == ["OK"]
+
+    run_with(model, BatchConfig(max_batch_size=2, max_wait_ms=1), body)
+    assert model.calls == [["boom", "a"], ["ok"]]
+
+
+def test_wrong_output_count_fails_the_batch() -> None:
+    async def body(b: DynamicBatcher) -> None:
+        with pytest.raises(ValueError, match="outputs"):
+            await b.submit(["a", "b"])
+        assert b.running
+
+    run_with(lambda items: items[:1], BatchConfig(max_wait_ms=1), body)
+
+
+def test_unusable_outputs_fail_the_batch_not_the_worker() -> None:
+    async def body(b: DynamicBatcher) -> None:
+        with pytest.raises(TypeError):
+            await b.submit(["a", "b"])  # a set has the right length but cannot be indexed
+        assert b.running
+        assert (await b.submit(["ok"])).outputs == ["ok"]
+
+    run_with(lambda items: set(items) if len(items) > 1 else items, BatchConfig(max_wait_ms=1), body)
+
+
+def test_cancelled_request_is_dropped_from_queue_and_never_runs() -> None:
+    model = FakeModel(gated=True)
+
+    async def body(b: DynamicBatcher) -> None:
+        running = asyncio.create_task(b.submit(["first"]))
+        await wait_until(model.entered.is_set)
+        doomed = asyncio.create_task(b.submit(["gone1", "gone2"]))
+        kept = asyncio.create_task(b.submit(["kept"]))
+        await wait_until(lambda: b.queued_items == 3)
+        doomed.cancel()
+        await asyncio.sleep(0)
+        assert doomed.cancelled() and b.queued_items == 1
+        running.cancel()  # already in the model: its result is discarded silently
+        model.gate.set()
+        assert (await kept).outputs == ["KEPT"]
+        assert running.cancelled()
+        assert (await b.submit(["after"])).outputs == ["AFTER"]
+
+    run_with(model, BatchConfig(max_batch_size=8, max_wait_ms=5), body)
+    assert model.ran == ["first", "kept", "after"]
+
+
+def test_queue_overflow_raises_queue_full_at_once() -> None:
+    model = FakeModel(gated=True)
+
+    async def body(b: DynamicBatcher) -> None:
+        first = asyncio.create_task(b.submit(["busy"]))
+        await wait_until(model.entered.is_set)
+        waiting = asyncio.create_task(b.submit(["a", "b", "c"]))
+        await wait_until(lambda: b.queued_items == 3)
+        t0 = time.perf_counter()
+        with pytest.raises(QueueFull) as err:
+            await b.submit(["d", "e"])
+        assert time.perf_counter() - t0 < 0.05
+        assert err.value.retry_after_s > 0
+        assert b.queued_items == 3
+        model.gate.set()
+        await asyncio.gather(first, waiting)
+        assert (await b.submit(["d", "e"])).outputs == ["D", "E"]
+
+    run_with(model, BatchConfig(max_batch_size=8, max_wait_ms=1, max_queue=4), body)
+
+
+def test_stop_with_drain_finishes_pending_work() -> None:
+    model = FakeModel(gated=True)
+
+    async def main() -> None:
+        b = DynamicBatcher("t", model, BatchConfig(max_batch_size=2, max_wait_ms=1000))
+        await b.start()
+        tasks = [asyncio.create_task(b.submit([f"p{i}"])) for i in range(5)]
+        await wait_until(model.entered.is_set)
+        stopper = asyncio.create_task(b.stop(drain=True))
+        await asyncio.sleep(0.01)
+        assert not b.running and not stopper.done()
+        with pytest.raises(BatcherClosed):
+            await b.submit(["late"])
+        model.gate.set()
+        t0 = time.perf_counter()
+        await stopper
+        assert time.perf_counter() - t0 < 0.5  # the last partial batch does not wait max_wait
+        assert [(await t).outputs for t in tasks] == [[f"P{i}"] for i in range(5)]
+        assert b.queued_items == 0
+
+    arun(main, model)
+    assert model.ran == [f"p{i}" for i in range(5)]
+
+
+def test_stop_without_drain_fails_queued_requests() -> None:
+    model = FakeModel(gated=True)
+
+    async def main() -> None:
+        b = DynamicBatcher("t", model, BatchConfig(max_batch_size=1, max_wait_ms=1))
+        await b.start()
+        running = asyncio.create_task(b.submit(["r"]))
+        await wait_until(model.entered.is_set)
+        queued = [asyncio.create_task(b.submit([f"q{i}"])) for i in range(3)]
+        await wait_until(lambda: b.queued_items == 3)
+        stopper = asyncio.create_task(b.stop(drain=False))
+        for t in queued:
+            with pytest.raises(BatcherClosed):
+                await t
+        model.gate.set()
+        await stopper
+        assert (await running).outputs == ["R"]  # the call already running still completes
+        assert not b.running
+
+    arun(main, model)
+    assert model.ran == ["r"]
+
+
+def test_run_batch_runs_off_the_event_loop_thread() -> None:
+    model = FakeModel()
+
+    async def body(b: DynamicBatcher) -> int:
+        await asyncio.gather(*(b.submit([f"t{i}"]) for i in range(10)))
+        return threading.get_ident()
+
+    loop_thread = run_with(model, BatchConfig(max_batch_size=4, max_wait_ms=5), body)
+    assert model.threads and loop_thread not in model.threads
+
+
+def test_custom_executor_is_used() -> None:
+    names: list[str] = []
+
+    def model(items: list[str]) -> list[str]:
+        names.append(threading.current_thread().name)
+        return items
+
+    with concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="custom-pool") as pool:
+        run_with(model, BatchConfig(max_wait_ms=1), lambda b: b.submit(["a"]), executor=pool)
+    assert names and names[0].startswith("custom-pool")
+
+
+def test_on_batch_reports_sizes_costs_and_durations() -> None:
+    model = FakeModel(sleep_s=0.003)
+    seen: list[tuple[int, int, float, int]] = []
+
+    def on_batch(size: int, cost: int, seconds: float) -> None:
+        seen.append((size, cost, seconds, threading.get_ident()))
+
+    async def body(b: DynamicBatcher) -> int:
+        await b.submit([f"item{i}" for i in range(7)])
+        return threading.get_ident()
+
+    loop_thread = run_with(model, BatchConfig(max_batch_size=3, max_wait_ms=1), body, cost=len, on_batch=on_batch)
+    assert [s[0] for s in seen] == [len(c) for c in model.calls] == [3, 3, 1]
+    assert [s[1] for s in seen] == [sum(map(len, c)) for c in model.calls]
+    assert all(s[2] >= 0.003 and s[3] == loop_thread for s in seen)
+
+
+def test_empty_submit_and_misuse() -> None:
+    model = FakeModel()
+
+    async def main() -> None:
+        b = DynamicBatcher("t", model, BatchConfig())
+        with pytest.raises(RuntimeError):
+            await b.submit(["not started"])
+        await b.start()
+        t0 = time.perf_counter()
+        res = await b.submit([])
+        assert res.outputs == [] and res.batch_sizes == [] and time.perf_counter() - t0 < 0.05
+        with pytest.raises(ValueError):
+            await b.submit(["a", "b"], cost=[1])
+        await b.stop()
+        await b.stop()  # idempotent
+
+    arun(main, model)
+    assert model.calls == []
+
+
+def test_idle_worker_does_not_spin() -> None:
+    async def body(b: DynamicBatcher) -> float:
+        await b.submit(["x"])
+        cpu0 = time.process_time()
+        await asyncio.sleep(0.3)
+        return time.process_time() - cpu0
+
+    cpu = run_with(FakeModel(), BatchConfig(max_wait_ms=1), body)
+    assert cpu < 0.1
+
+
+def test_torch_batched_results_equal_one_by_one() -> None:
+    torch.manual_seed(0)
+    layer = torch.nn.Linear(16, 4)
+
+    def features(text: str) -> torch.Tensor:
+        g = torch.Generator().manual_seed(sum(map(ord, text)))
+        return torch.randn(16, generator=g)
+
+    @torch.inference_mode()
+    def run_batch(items: list[str]) -> list[torch.Tensor]:
+        return list(layer(torch.stack([features(t) for t in items])).unbind(0))
+
+    texts = [f"sentence number {i}" for i in range(40)]
+    alone = [run_batch([t])[0] for t in texts]
+    sizes: list[int] = []
+
+    async def body(b: DynamicBatcher) -> list[BatchResult]:
+        return await asyncio.gather(*(b.submit(texts[i:i + 3]) for i in range(0, 40, 3)))
+
+    results = run_with(run_batch, BatchConfig(max_batch_size=8, max_wait_ms=20), body,
+                       on_batch=lambda n, c, s: sizes.append(n))
+    batched = [out for r in results for out in r.outputs]
+    assert len(batched) == 40 and max(sizes) > 1
+    for a, b in zip(alone, batched):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)

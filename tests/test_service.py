@@ -1,0 +1,218 @@
+"""The real app under uvicorn on 127.0.0.1, called over HTTP: the default config's models."""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import socket
+import threading
+import time
+
+import httpx
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+import uvicorn
+from prometheus_client.parser import text_string_to_metric_families
+
+from quantization.pipeline import eval_texts
+from service.app import create_app
+from service.config import load_settings
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def server():
+    port = free_port()
+    settings = load_settings(port=port, probe_texts=32)
+    app = create_app(settings)
+    srv = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning"))
+    thread = threading.Thread(target=srv.run, daemon=True)
+    thread.start()
+    base = f"http://127.0.0.1:{port}"
+    deadline = time.monotonic() + 600
+    saw_not_ready = False
+    while time.monotonic() < deadline:
+        try:
+            r = httpx.get(f"{base}/readyz", timeout=5)
+            if r.status_code == 200:
+                break
+            saw_not_ready = saw_not_ready or r.status_code == 503
+        except httpx.TransportError:
+            pass
+        time.sleep(0.5)
+    else:
+        pytest.fail("the service did not become ready")
+    yield base, app, saw_not_ready
+    srv.should_exit = True
+    thread.join(60)
+
+
+def direct(app, model: str, variant: str, texts: list[str]) -> torch.Tensor:
+    served = app.state.registry.models[model]
+    return torch.stack(served.adapter.run(served.variants[variant].module, served.adapter.tokenize(texts)))
+
+
+def test_health_and_readiness(server):
+    base, _, saw_not_ready = server
+    assert httpx.get(f"{base}/livez").json() == {"status": "alive"}
+    ready = httpx.get(f"{base}/readyz").json()
+    assert ready["ready"] is True and set(ready["models"]) == {"minilm", "intent"}
+    assert saw_not_ready  # /readyz said 503 while the models were being built
+
+
+def test_openai_client_gets_fp32_embeddings_unchanged(server):
+    from openai import OpenAI
+
+    base, app, _ = server
+    client = OpenAI(base_url=f"{base}/v1", api_key="unused")
+    texts = ["A man is playing a guitar.", "Someone plays an acoustic guitar.", "The stock market fell sharply."]
+    for fmt in (None, "float", "base64"):  # None: the client asks for base64 and decodes it itself
+        kwargs = {"encoding_format": fmt} if fmt else {}
+        resp = client.embeddings.create(model="minilm", input=texts, extra_headers={"X-Variant": "fp32"}, **kwargs)
+        vectors = [np.frombuffer(base64.b64decode(d.embedding), dtype=np.float32) if fmt == "base64"
+                   else d.embedding for d in resp.data]
+        got = torch.tensor(np.array(vectors, dtype=np.float32))
+        want = F.normalize(direct(app, "minilm", "fp32", texts), dim=-1)
+        assert got.shape == (3, 384)
+        assert float(F.cosine_similarity(got, want).min()) >= 0.9999
+    single = client.embeddings.create(model="minilm", input="hello world")
+    assert len(single.data) == 1 and single.usage.prompt_tokens > 0
+
+
+def test_embed_returns_one_result_per_input_in_order_and_names_the_variant(server):
+    base, app, _ = server
+    texts = ["first sentence", "a second, longer sentence about guitars", "third"]
+    r = httpx.post(f"{base}/v1/embed", json={"inputs": texts, "variant": "int8"})
+    assert r.status_code == 200 and r.headers["X-Variant"] == "int8"
+    body = r.json()
+    assert body["variant"] == "int8" and body["dimension"] == 384 and body["model"] == "minilm"
+    assert [res["index"] for res in body["results"]] == [0, 1, 2]
+    got = torch.tensor([res["embedding"] for res in body["results"]])
+    want = F.normalize(direct(app, "minilm", "int8", texts), dim=-1)
+    assert float(F.cosine_similarity(got, want).min()) > 0.9999
+    assert body["usage"]["input_tokens"] >= 8 and body["inference_seconds"] > 0
+
+
+def test_classify_answers_real_intents(server):
+    base, _, _ = server
+    r = httpx.post(f"{base}/v1/classify", json={"inputs": ["set a timer for ten minutes",
+                                                          "my card was declined at the store"], "top_k": 3},
+                   headers={"X-Variant": "fp32"})
+    assert r.status_code == 200 and r.headers["X-Variant"] == "fp32"
+    results = r.json()["results"]
+    assert results[0]["labels"][0]["label"] == "timer" and results[0]["labels"][0]["score"] > 0.9
+    assert results[1]["labels"][0]["label"] == "card_declined"
+    assert len(results[0]["labels"]) == 3
+
+
+def test_compare_reports_int8_agreement_within_the_library_bounds(server):
+    base, _, _ = server
+    texts = eval_texts()[:24]
+    emb = httpx.post(f"{base}/v1/compare", json={"model": "minilm", "inputs": texts}, timeout=60).json()
+    by = {v["variant"]: v for v in emb["variants"]}
+    assert emb["baseline"] == "fp32" and set(by) == {"fp32", "int8"}
+    assert by["fp32"]["agreement"]["mean_cosine"] > 0.99999
+    assert by["int8"]["agreement"]["mean_cosine"] >= 0.999 and by["int8"]["agreement"]["min_cosine"] >= 0.99
+    assert len(by["int8"]["per_input_agreement"]) == 24 and by["int8"]["latency_seconds"] > 0
+    cls = httpx.post(f"{base}/v1/compare", json={"model": "intent", "inputs": texts}, timeout=60).json()
+    by = {v["variant"]: v for v in cls["variants"]}
+    assert by["int8"]["agreement"]["top1_agreement"] >= 0.9
+    assert by["int8"]["results"][0]["labels"]
+
+
+def test_models_endpoint_shows_variants_with_sizes_fidelity_and_live_latency(server):
+    base, _, _ = server
+    httpx.post(f"{base}/v1/embed", json={"inputs": ["warm"]})
+    body = httpx.get(f"{base}/v1/models/minilm").json()
+    v = {x["name"]: x for x in body["variants"]}
+    assert v["int8"]["strategy"] == "dynamic-int8" and v["fp32"]["strategy"] == "fp32"
+    assert v["int8"]["weight_bytes"] < v["fp32"]["weight_bytes"]
+    assert v["int8"]["startup_fidelity"]["mean_cosine"] > 0.999
+    assert v["int8"]["requests"] >= 1 and v["int8"]["latency_seconds"]["p50"] > 0
+    assert {m["name"] for m in httpx.get(f"{base}/v1/models").json()["models"]} == {"minilm", "intent"}
+
+
+def test_metrics_parse_and_hold_per_variant_histograms_from_start(server):
+    base, _, _ = server
+    text = httpx.get(f"{base}/metrics").text
+    families = {f.name: f for f in text_string_to_metric_families(text)}
+    hist = families["quantserve_request_duration_seconds"]
+    series = {(s.labels.get("model"), s.labels.get("variant")) for s in hist.samples if s.name.endswith("_bucket")}
+    assert {("minilm", "fp32"), ("minilm", "int8"), ("intent", "fp32"), ("intent", "int8")} <= series
+    assert "quantserve_batch_size" in families and "quantserve_inference_duration_seconds" in families
+    weights = {s.labels["variant"]: s.value for s in families["quantserve_weight_bytes"].samples
+               if s.labels["model"] == "minilm"}
+    assert weights["int8"] < weights["fp32"]
+    startup = [s for s in families["quantserve_fidelity"].samples if s.labels["source"] == "startup"]
+    assert any(s.labels["metric"] == "top1_agreement" for s in startup)
+    assert families["process_resident_memory_bytes"].samples[0].value > 1e8
+
+
+def test_64_concurrent_requests_each_get_their_own_answer_and_batching_changes_nothing(server):
+    base, app, _ = server
+    texts = eval_texts()[:64]
+
+    async def go():
+        async with httpx.AsyncClient(base_url=base, timeout=120) as client:
+            return await asyncio.gather(*(client.post("/v1/embed", json={"inputs": [t], "variant": "fp32"})
+                                          for t in texts))
+
+    responses = asyncio.run(go())
+    assert all(r.status_code == 200 for r in responses)
+    got = torch.tensor([r.json()["results"][0]["embedding"] for r in responses])
+    alone = torch.cat([F.normalize(direct(app, "minilm", "fp32", [t]), dim=-1) for t in texts])
+    assert float(F.cosine_similarity(got, alone).min()) >= 0.9999
+    sizes = [s for s in text_string_to_metric_families(httpx.get(f"{base}/metrics").text)
+             if s.name == "quantserve_batch_size"][0].samples
+    count = {s.labels["variant"]: s.value for s in sizes if s.name.endswith("_count") and s.labels["model"] == "minilm"}
+    total = {s.labels["variant"]: s.value for s in sizes if s.name.endswith("_sum") and s.labels["model"] == "minilm"}
+    assert total["fp32"] / count["fp32"] > 1.5  # requests were really merged into batches
+
+
+@pytest.mark.parametrize("path, body, status, needle", [
+    ("/v1/embed", {"model": "nope", "inputs": ["x"]}, 404, "available: minilm"),
+    ("/v1/embed", {"inputs": ["x"], "variant": "int4"}, 404, "available: fp32, int8"),
+    ("/v1/classify", {"model": "minilm", "inputs": ["x"]}, 404, "available: intent"),
+    ("/v1/embed", {"inputs": []}, 422, "inputs"),
+    ("/v1/embed", {"inputs": "not a list"}, 422, "inputs"),
+    ("/v1/embed", {"inputs": [1, 2]}, 422, "inputs.0"),
+    ("/v1/classify", {"inputs": ["x"], "top_k": 0}, 422, "top_k"),
+    ("/v1/embed", {"inputs": ["x"], "colour": "red"}, 422, "colour"),
+    ("/v1/embeddings", {"model": "minilm", "input": ["x"], "dimensions": 12}, 422, "384"),
+    ("/v1/compare", {"model": "nope", "inputs": ["x"]}, 404, "available"),
+])
+def test_bad_input_gets_a_json_error_naming_the_field_or_the_choices(server, path, body, status, needle):
+    base, _, _ = server
+    r = httpx.post(f"{base}{path}", json=body)
+    assert r.status_code == status, r.text
+    err = r.json()["error"]
+    assert needle in err["message"] or any(needle in f["field"] for f in err.get("fields", []))
+
+
+def test_shadow_traffic_records_agreement_off_the_response_path(server):
+    base, app, _ = server
+    router = app.state.registry.models["minilm"].router
+    router.shadow = 1.0  # every request shadows for this test
+    try:
+        for t in eval_texts()[:8]:
+            assert httpx.post(f"{base}/v1/embed", json={"inputs": [t]}).status_code == 200
+    finally:
+        router.shadow = 0.05
+    deadline = time.monotonic() + 30
+    while time.monotonic() < deadline:
+        v = {x["name"]: x for x in httpx.get(f"{base}/v1/models/minilm").json()["variants"]}
+        if v["int8"]["shadow_agreement"]["inputs"] >= 8:
+            break
+        time.sleep(0.2)
+    assert v["int8"]["shadow_agreement"]["inputs"] >= 8 and v["int8"]["shadow_agreement"]["mean"] > 0.99
+    metric = [s for f in text_string_to_metric_families(httpx.get(f"{base}/metrics").text)
+              if f.name == "quantserve_fidelity" for s in f.samples
+              if s.labels["source"] == "shadow" and s.labels["model"] == "minilm"]
+    assert metric and metric[0].labels["variant"] == "int8" and metric[0].value > 0.99
