@@ -8,6 +8,7 @@ import subprocess
 import sys
 
 import pytest
+import torch
 
 from service.config import ConfigError, ModelConfig, load_settings
 from service.errors import UnknownVariant
@@ -99,3 +100,25 @@ def test_shadow_samples_the_configured_fraction_onto_the_baseline():
     assert set(targets) == {None, "fp32"} and 0.26 < targets.count("fp32") / 2000 < 0.34
     assert {router.shadow_target("fp32") for _ in range(200)} == {None, "int8"}
     assert Router(_model()).shadow_target("int8") is None
+
+
+def test_restart_with_artifacts_loads_saved_variants_instead_of_quantizing(tmp_path):
+    from service.metrics import Metrics
+    from service.registry import Registry
+
+    path = _write(tmp_path, "models:\n - {name: intent, task: classify, source: intent, variants: "
+                            "[{name: fp32, strategy: fp32}, {name: int8, strategy: static-int8}]}\n")
+    texts = ["set a timer for ten minutes", "my card was declined at the store", "what's the weather"]
+    runs = []
+    for _ in range(2):
+        registry = Registry(load_settings(path, artifacts_dir=str(tmp_path / "artifacts"), probe_texts=16), Metrics())
+        registry.build()
+        served = registry.models["intent"]
+        v = served.variants["int8"]
+        runs.append((v.loaded_from_artifact, v.quantization_seconds, v.fidelity,
+                     served.adapter.run(v.module, served.adapter.tokenize(texts))))
+    (first_loaded, first_s, first_fid, first_out), (second_loaded, second_s, second_fid, second_out) = runs
+    assert not first_loaded and second_loaded
+    assert (tmp_path / "artifacts" / "intent" / "int8" / "manifest.json").is_file()
+    assert all(torch.equal(a, b) for a, b in zip(first_out, second_out)) and first_fid == second_fid
+    assert second_s < first_s  # calibration and SmoothQuant are skipped on the second start
