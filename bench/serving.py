@@ -1,7 +1,7 @@
 """The real service over HTTP under closed-loop load, against the same models called in-process.
 
-    .venv/bin/python bench/http.py            # full run, rewrites its section of bench/RESULTS.md
-    .venv/bin/python bench/http.py --quick    # shorter runs, prints only
+    .venv/bin/python bench/serving.py            # full run, rewrites its section of bench/RESULTS.md
+    .venv/bin/python bench/serving.py --quick    # shorter runs, prints only
 
 Starts ``python -m service`` (default config) on a free port, and C = 1, 8, 32 asyncio clients
 each send one-sentence requests back to back (``quantization.pipeline.eval_texts()`` in rotation)
@@ -16,8 +16,7 @@ import sys
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
-# Run as a script, bench/ is sys.path[0], where this file would shadow the stdlib's http package.
-sys.path[:] = [str(ROOT)] + [p for p in sys.path if Path(p or ".").resolve() != ROOT / "bench"]
+sys.path.insert(0, str(ROOT))
 
 import argparse, asyncio, itertools, json, re, signal, socket, statistics, subprocess, tempfile, time  # noqa: E401,E402
 from collections import Counter  # noqa: E402
@@ -203,7 +202,7 @@ def main() -> int:
         r["batched_x"] = r["per_s"] / b["batched_per_s"] if r["clients"] == BATCH else None
     result = {"date": started, "machine": machine_summary(), "texts": len(texts), "seconds": seconds,
               "warmup": warmup, "service_ready_s": ready_s, "baselines": baselines, "rows": rows,
-              "command": "bench/http.py" + (" --quick" if args.quick else ""),
+              "command": "bench/serving.py" + (" --quick" if args.quick else ""),
               "wall_s": time.perf_counter() - t0}
     table = render(result)
     print(table)
