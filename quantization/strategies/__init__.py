@@ -100,6 +100,9 @@ def quantize(module: nn.Module, strategy: str, params: dict[str, Any] | Strategy
 
 
 _LOADED = False
+# The order names are listed in (errors, CLI, docs): baseline first, then by family.
+CANONICAL_ORDER = ("fp32", "fp16", "bf16", "dynamic-int8", "static-int8", "weight-only-int8", "weight-only-int4",
+                   "weight-sharing", "onnx-int8")
 
 
 def _load_builtin() -> None:
@@ -107,13 +110,13 @@ def _load_builtin() -> None:
     if _LOADED:
         return
     _LOADED = True
-    from . import floating, int8  # noqa: F401  (modules register themselves)
-    for optional in ("weight_only", "weight_sharing", "onnx"):
-        try:
-            __import__(f"{__name__}.{optional}")
-        except ModuleNotFoundError as exc:
-            if exc.name != f"{__name__}.{optional}":
-                raise
+    from . import floating, int8, onnx, weight_only, weight_sharing  # noqa: F401  (modules register themselves)
+
+    # a module imported directly before the registry was loaded registered early: restore the order
+    ordered = {name: STRATEGIES[name] for name in CANONICAL_ORDER if name in STRATEGIES}
+    ordered.update({k: v for k, v in STRATEGIES.items() if k not in ordered})
+    STRATEGIES.clear()
+    STRATEGIES.update(ordered)
 
 
 __all__ = ["STRATEGIES", "register", "get_strategy", "strategy_names", "parse_params", "quantize",
