@@ -45,10 +45,22 @@ def _texts(path: str | None, default: list[str]) -> list[str]:
     return [line for line in lines if line]
 
 
-def _progress(msg: str) -> None:
-    from tqdm import tqdm
+class ProgressBars:
+    """One tqdm bar per stage of a long step (layers quantized, sensitivity measured, ...)."""
 
-    tqdm.write(f"  {msg}", file=sys.stderr)
+    def __init__(self) -> None:
+        self.bars: dict[str, Any] = {}
+
+    def __call__(self, stage: str, done: int, total: int) -> None:
+        from tqdm import tqdm
+
+        bar = self.bars.get(stage)
+        if bar is None:
+            bar = self.bars[stage] = tqdm(total=total, desc=f"  {stage}", file=sys.stderr, leave=False)
+        bar.update(done - bar.n)
+        if done >= total:
+            bar.close()
+            del self.bars[stage]
 
 
 def _load(args: argparse.Namespace):
@@ -78,7 +90,7 @@ def cmd_quantize(args: argparse.Namespace) -> int:
     params = _params(args.param, args.keep, args.auto_target)
     calib = _texts(args.calibration, calibration_texts())
     print(f"quantizing {tm.name} with {args.strategy} ...", file=sys.stderr)
-    qm = quantize_model(tm, args.strategy, params, calibration=calib, progress=_progress)
+    qm = quantize_model(tm, args.strategy, params, calibration=calib, progress=ProgressBars())
     manifest = save_artifact(tm, qm, args.out)
     print(f"{args.strategy}: {len(qm.layers)} layers quantized, {len(qm.kept)} kept, {qm.seconds:.2f} s -> {manifest.parent}")
     return 0
@@ -104,7 +116,7 @@ def cmd_report(args: argparse.Namespace) -> int:
         if kind == "artifact":
             qm = load_artifact(what, tm)
         else:
-            qm = quantize_model(tm, what, params, calibration=calib, progress=_progress)
+            qm = quantize_model(tm, what, params, calibration=calib, progress=ProgressBars())
         reports.append(build_report(tm, qm, texts, reference=reference, include_layers=not args.no_layers))
     if args.json:
         text = json.dumps(reports if len(reports) > 1 else reports[0], indent=2, default=str)

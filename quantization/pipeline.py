@@ -10,10 +10,11 @@ from __future__ import annotations
 
 from functools import lru_cache
 from importlib import resources
-from typing import Any, Callable
+from typing import Any
 
 from .fidelity import fidelity, primary_score, ranking_score
 from .models import TaskModel
+from .strategies.base import Progress
 from .strategies import QuantizedModel, StrategyParams, get_strategy, parse_params, quantize
 
 
@@ -35,7 +36,7 @@ def eval_texts() -> list[str]:
 
 def quantize_model(tm: TaskModel, strategy: str, params: dict[str, Any] | StrategyParams | None = None, *,
                    calibration: list[str] | None = None,
-                   progress: Callable[[str], None] | None = None) -> QuantizedModel:
+                   progress: Progress | None = None) -> QuantizedModel:
     """Apply ``strategy`` to ``tm.module``; calibration texts default to the built-in set.
 
     An explicitly empty ``calibration`` list is passed on as empty, so a strategy that needs

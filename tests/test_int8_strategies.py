@@ -52,10 +52,13 @@ def test_stock_style_per_tensor_int8_is_what_loses_fidelity(minilm, minilm_ref, 
 
 
 @pytest.mark.parametrize("strategy, bound", [("bf16", 0.9999), ("fp16", 0.99999)])
-def test_half_precision_is_nearly_lossless_and_halves_storage(minilm, minilm_ref, texts, strategy, bound):
+def test_half_precision_is_nearly_lossless_and_halves_storage(minilm, minilm_ref, intent, intent_ref, texts,
+                                                               strategy, bound):
     qm = quantize_model(minilm, strategy)
     fid = fidelity("embed", minilm_ref[:64], minilm.run(qm.module, texts[:64]))
     assert fid["mean_cosine"] >= bound
+    iq = quantize_model(intent, strategy)
+    assert fidelity("classify", intent_ref[:64], intent.run(iq.module, texts[:64]))["top1_agreement"] >= 0.98
     rep = build_report(minilm, qm, texts[:8], include_layers=False)
     assert 0.49 < rep["storage"]["ratio"] < 0.51
 

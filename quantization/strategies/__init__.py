@@ -9,7 +9,8 @@ from pydantic import ValidationError
 from torch import nn
 
 from ..errors import CalibrationError, InvalidConfigError, NoQuantizableLayersError, UnknownStrategyError
-from .base import Batch, LayerwiseStrategy, QuantizedModel, Strategy, StrategyParams, match_patterns
+from .base import (Batch, LayerwiseStrategy, Progress, QuantizedModel, Strategy, StrategyParams, match_patterns,
+                   no_progress)
 from .mixed import auto_keep
 
 STRATEGIES: dict[str, type[Strategy]] = {}
@@ -55,7 +56,7 @@ def parse_params(cls: type[Strategy], params: dict[str, Any] | StrategyParams | 
 def quantize(module: nn.Module, strategy: str, params: dict[str, Any] | StrategyParams | None = None, *,
              calibration: list[Batch] | None = None,
              evaluate: Callable[[Any], tuple[float, float]] | None = None,
-             progress: Callable[[str], None] | None = None) -> QuantizedModel:
+             progress: Progress | None = None) -> QuantizedModel:
     """Apply ``strategy`` to ``module`` (left unchanged) and return the variant with its record.
 
     ``calibration``: tokenised batches (model keyword arguments) for strategies that observe
@@ -65,6 +66,7 @@ def quantize(module: nn.Module, strategy: str, params: dict[str, Any] | Strategy
     cls = get_strategy(strategy)
     p = parse_params(cls, params)
     impl = cls(p)
+    impl.progress = progress or no_progress
     units = impl.units(module)
     if not units:
         raise NoQuantizableLayersError(
@@ -90,7 +92,7 @@ def quantize(module: nn.Module, strategy: str, params: dict[str, Any] | Strategy
     notes: dict[str, Any] = {}
     if p.auto_target is not None:
         variant, layers, kept, notes["auto"] = auto_keep(impl, module, units, kept, evaluate, p.auto_target,
-                                                        p.auto_max_kept, progress)
+                                                        p.auto_max_kept, impl.progress)
     else:
         variant, layers = impl.build(module, kept)
     seconds = time.perf_counter() - start

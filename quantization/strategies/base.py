@@ -12,13 +12,18 @@ import copy
 import fnmatch
 from abc import ABC, abstractmethod
 from dataclasses import dataclass, field
-from typing import Any, ClassVar
+from typing import Any, Callable, ClassVar
 
 import torch
 from pydantic import BaseModel, ConfigDict, Field
 from torch import nn
 
 Batch = dict[str, torch.Tensor]
+Progress = Callable[[str, int, int], None]  # (stage, done, total): drives the CLI's progress bars
+
+
+def no_progress(_stage: str, _done: int, _total: int) -> None:
+    """The default: report nothing."""
 
 
 class StrategyParams(BaseModel):
@@ -66,6 +71,7 @@ class Strategy(ABC):
 
     def __init__(self, params: StrategyParams) -> None:
         self.params = params
+        self.progress: Progress = no_progress
 
     # -- what can be quantized ------------------------------------------------------------------
     def units(self, module: nn.Module) -> list[str]:
@@ -124,11 +130,13 @@ class LayerwiseStrategy(Strategy):
     def build(self, module: nn.Module, kept: frozenset[str]) -> tuple[nn.Module, dict[str, dict[str, Any]]]:
         variant = share_copy(module)
         layers: dict[str, dict[str, Any]] = {}
+        todo = [n for n in self.units(module) if n not in kept and n not in self._cache]
         for name in self.units(module):
             if name in kept:
                 continue
             if name not in self._cache:
                 self._cache[name] = self.convert(name, module.get_submodule(name))
+                self.progress("quantizing layers", todo.index(name) + 1, len(todo))
             set_submodule(variant, name, self._cache[name])
             layers[name] = self.describe_layer(name, self._cache[name])
         return variant.eval(), layers

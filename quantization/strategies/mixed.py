@@ -16,15 +16,14 @@ from typing import Any, Callable
 
 from torch import nn
 
-from .base import Strategy
+from .base import Progress, Strategy, no_progress
 
 Evaluate = Callable[[Any], tuple[float, float]]
 
 
 def auto_keep(strategy: Strategy, module: nn.Module, units: list[str], base_kept: frozenset[str],
               evaluate: Evaluate, target: float, max_kept: int | None,
-              progress: Callable[[str], None] | None = None) -> tuple[Any, dict, frozenset[str], dict[str, Any]]:
-    say = progress or (lambda _msg: None)
+              progress: Progress = no_progress) -> tuple[Any, dict, frozenset[str], dict[str, Any]]:
     variant, layers = strategy.build(module, base_kept)
     score, base_rank = evaluate(variant)
     trajectory: list[dict[str, Any]] = [{"kept": sorted(base_kept), "score": round(score, 6)}]
@@ -36,20 +35,20 @@ def auto_keep(strategy: Strategy, module: nn.Module, units: list[str], base_kept
     candidates = [u for u in units if u not in base_kept]
     gain: dict[str, float] = {}
     for i, unit in enumerate(candidates, 1):
-        say(f"sensitivity {i}/{len(candidates)}: {unit}")
         trial, _ = strategy.build(module, base_kept | {unit})
         gain[unit] = evaluate(trial)[1] - base_rank
+        progress("measuring layer sensitivity", i, len(candidates))
     ranking = sorted(candidates, key=lambda u: gain[u], reverse=True)
     notes["sensitivity"] = [{"unit": u, "gain": round(gain[u], 6)} for u in ranking]
 
     kept = set(base_kept)
     limit = len(ranking) if max_kept is None else min(max_kept, len(ranking))
-    for unit in ranking[:limit]:
+    for step, unit in enumerate(ranking[:limit], 1):
         kept.add(unit)
         variant, layers = strategy.build(module, frozenset(kept))
         score = evaluate(variant)[0]
         trajectory.append({"kept": unit, "score": round(score, 6)})
-        say(f"kept {unit}: score {score:.5f} (target {target})")
+        progress("keeping sensitive layers (until the target or the limit)", step, limit)
         if score >= target:
             break
     notes.update(reached=score >= target, final_score=round(score, 6), trajectory=trajectory)
