@@ -116,7 +116,7 @@ class TaskModel:
         return {k: v for k, v in enc.items() if k in keep}
 
     def batches(self, texts: list[str], batch_size: int = 32) -> list[dict[str, torch.Tensor]]:
-        """Tokenised batches, sorted by length inside each batch's window to limit padding."""
+        """Tokenised batches of ``batch_size`` texts, in order, each padded to its longest text."""
         return [self.encode(texts[i:i + batch_size]) for i in range(0, len(texts), batch_size)]
 
     # -- outputs --------------------------------------------------------------------------------
@@ -186,28 +186,28 @@ def _quiet_transformers() -> None:
     hf_logging.disable_progress_bar()  # one bar per weight file is noise in logs
 
 
-def _load_hf_encoder(source: str) -> tuple[nn.Module, Any, str, Path | None]:
-    from transformers import AutoModel, AutoTokenizer
+def _load_hf(source: str, auto_class: str, what: str, **model_kwargs: Any) -> tuple[nn.Module, Any, str, str]:
+    """(model in eval mode, tokenizer, where it was loaded from, weights hash) for a transformers source."""
+    import transformers
 
     _quiet_transformers()
     local = Path(source).expanduser()
     target = str(local) if local.is_dir() else source
     try:
-        tokenizer = AutoTokenizer.from_pretrained(target)
-        model = AutoModel.from_pretrained(target, attn_implementation="sdpa")
+        tokenizer = transformers.AutoTokenizer.from_pretrained(target)
+        model = getattr(transformers, auto_class).from_pretrained(target, **model_kwargs).eval()
     except Exception as exc:  # transformers raises many kinds; all mean "cannot load this source"
         raise ModelLoadError(
-            f"could not load a transformers encoder from {source!r} ({type(exc).__name__}: {exc}); "
-            "give an existing local model directory, an installed built-in (minilm, intent), or a hub id with network access"
+            f"could not load {what} from {source!r} ({type(exc).__name__}: {exc}); give an existing local model "
+            f"directory, a hub id with network access, or a built-in ({', '.join(BUILTIN_SOURCES)})"
         ) from exc
-    model.eval()
-    return model, tokenizer, target, local if local.is_dir() else None
+    digest = hash_files(_weight_files(local)) if local.is_dir() else f"hub:{source}"
+    return model, tokenizer, target, digest
 
 
 def load_embedder(source: str = "minilm", name: str | None = None) -> TaskModel:
     path = str(minilm_path()) if source == "minilm" else source
-    model, tokenizer, target, local = _load_hf_encoder(path)
-    digest = hash_files(_weight_files(local)) if local else f"hub:{source}"
+    model, tokenizer, target, digest = _load_hf(path, "AutoModel", "a transformers encoder", attn_implementation="sdpa")
     info = {"hidden_size": getattr(model.config, "hidden_size", None), "architecture": type(model).__name__}
     return TaskModel(name or ("minilm" if source == "minilm" else Path(source).name or source), "embed",
                      SentenceEncoder(model).eval(), tokenizer, target, digest, info=info)
@@ -250,40 +250,19 @@ def load_intent_classifier(name: str = "intent") -> TaskModel:
 
 
 def load_hf_classifier(source: str, name: str | None = None) -> TaskModel:
-    from transformers import AutoModelForSequenceClassification, AutoTokenizer
-
-    _quiet_transformers()
-    local = Path(source).expanduser()
-    target = str(local) if local.is_dir() else source
-    try:
-        tokenizer = AutoTokenizer.from_pretrained(target)
-        model = AutoModelForSequenceClassification.from_pretrained(target).eval()
-    except Exception as exc:
-        raise ModelLoadError(f"could not load a sequence classifier from {source!r} ({type(exc).__name__}: {exc}); "
-                             "give a local model directory or a hub id with network access") from exc
+    model, tokenizer, target, digest = _load_hf(source, "AutoModelForSequenceClassification", "a sequence classifier")
     id2label = getattr(model.config, "id2label", {}) or {}
     labels = [str(id2label.get(i, i)) for i in range(model.config.num_labels)]
-    digest = hash_files(_weight_files(local)) if local.is_dir() else f"hub:{source}"
-    return TaskModel(name or local.name or source, "classify", HFSequenceClassifier(model).eval(), tokenizer,
+    return TaskModel(name or Path(source).expanduser().name or source, "classify", HFSequenceClassifier(model).eval(), tokenizer,
                      target, digest, labels=labels)
 
 
 def load_seq2seq(source: str, name: str | None = None, max_new_tokens: int = 64, num_beams: int = 1) -> TaskModel:
     """Any transformers ``AutoModelForSeq2SeqLM`` (Marian, T5, NLLB, M2M100) with its tokenizer."""
-    from transformers import AutoModelForSeq2SeqLM, AutoTokenizer
-
-    _quiet_transformers()
-    local = Path(source).expanduser()
-    target = str(local) if local.is_dir() else source
-    try:
-        tokenizer = AutoTokenizer.from_pretrained(target)
-        model = AutoModelForSeq2SeqLM.from_pretrained(target).eval()
-    except Exception as exc:
-        raise ModelLoadError(f"could not load a seq2seq model from {source!r} ({type(exc).__name__}: {exc}); "
-                             "give a local model directory or a hub id with network access") from exc
-    digest = hash_files(_weight_files(local)) if local.is_dir() else f"hub:{source}"
-    return TaskModel(name or local.name or source, "seq2seq", Seq2SeqGenerator(model, max_new_tokens, num_beams).eval(),
-                     tokenizer, target, digest, info={"architecture": type(model).__name__})
+    model, tokenizer, target, digest = _load_hf(source, "AutoModelForSeq2SeqLM", "a seq2seq model")
+    return TaskModel(name or Path(source).expanduser().name or source, "seq2seq",
+                     Seq2SeqGenerator(model, max_new_tokens, num_beams).eval(), tokenizer, target, digest,
+                     info={"architecture": type(model).__name__})
 
 
 def load_task_model(source: str, task: str | None = None, name: str | None = None) -> TaskModel:
@@ -303,6 +282,3 @@ def load_task_model(source: str, task: str | None = None, name: str | None = Non
         return load_seq2seq(source, name)
     raise ModelLoadError(f"unknown task {task!r}; choose one of: {', '.join(TASKS)}")
 
-
-def default_threads() -> int:
-    return int(os.environ.get("QUANT_THREADS", torch.get_num_threads()))

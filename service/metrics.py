@@ -9,7 +9,6 @@ from start-up (:meth:`Metrics.declare_variant`), not only after its first reques
 from __future__ import annotations
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
-from prometheus_client import PROCESS_COLLECTOR, PLATFORM_COLLECTOR  # noqa: F401  (documented defaults)
 from prometheus_client.process_collector import ProcessCollector
 
 PREFIX = "quantserve"

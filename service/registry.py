@@ -99,9 +99,6 @@ class ServedModel:
     def name(self) -> str:
         return self.config.name
 
-    def variant(self, name: str) -> Variant:
-        return self.variants[self.router.check(name)]
-
     def describe(self) -> dict[str, Any]:
         c = self.config
         return {"name": c.name, "task": c.task, "source": c.source, "default_variant": c.default_variant,
@@ -193,7 +190,8 @@ class Registry:
                 raise StartupError(f"model {mc.name!r} variant {vc.name!r} ({vc.strategy}): {exc}") from None
             if directory is not None and not vc.artifact:
                 save_artifact(tm, qm, directory)
-        outputs = served.adapter.run(qm.module, probe_items)  # warm-up and fidelity in one pass
+        # warm-up and fidelity in one pass; the untouched FP32 module already produced the reference
+        outputs = reference if qm.module is tm.module else served.adapter.run(qm.module, probe_items)
         seconds = time.perf_counter() - start
         grown = max(0, psutil.Process().memory_info().rss - rss)
         fid = served.adapter.agreement(reference, outputs)

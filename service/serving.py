@@ -54,8 +54,6 @@ class Serving:
                 retry = max(1, round(exc.retry_after_s))
                 raise Overloaded(f"variant {variant.name!r} of {served.name!r} has a full queue; retry in {retry} s",
                                  headers={"Retry-After": str(retry)}) from None
-            except ServiceError:
-                raise
             except Exception as exc:  # a failed batch fails its requests only
                 log.exception("event=batch_failed model=%s variant=%s", served.name, variant.name)
                 raise InferenceFailed(f"inference failed on variant {variant.name!r}: {type(exc).__name__}") from None
