@@ -3,13 +3,14 @@
 from __future__ import annotations
 
 import argparse
-import logging
 import sys
 
 import uvicorn
 
 from .app import create_app
 from .config import ConfigError, load_settings
+from .logs import configure_logging
+from .shutdown import GracefulServer
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -27,10 +28,9 @@ def main(argv: list[str] | None = None) -> int:
     except ConfigError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
-    logging.basicConfig(level=settings.log_level.upper(), stream=sys.stderr,
-                        format="%(asctime)s level=%(levelname)s logger=%(name)s %(message)s")
+    configure_logging(settings.log_level, settings.log_format)
     failure: list[str] = []
-    server: uvicorn.Server | None = None
+    server: GracefulServer | None = None
 
     def stop(message: str) -> None:
         failure.append(message)
@@ -38,8 +38,10 @@ def main(argv: list[str] | None = None) -> int:
             server.should_exit = True
 
     app = create_app(settings, on_startup_failure=stop)
-    server = uvicorn.Server(uvicorn.Config(app, host=settings.host, port=settings.port,
-                                           log_level=settings.log_level, access_log=False))
+    # log_config=None: keep our handler; access lines come from the request middleware, with the request id
+    config = uvicorn.Config(app, host=settings.host, port=settings.port, log_config=None, access_log=False,
+                            timeout_graceful_shutdown=settings.grace_period_s)
+    server = GracefulServer(config, app.state.lifecycle, settings.grace_period_s)
     server.run()
     if failure:
         print(f"error: {failure[0]}", file=sys.stderr)

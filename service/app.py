@@ -8,12 +8,15 @@ import logging
 from typing import Callable
 
 from fastapi import FastAPI
+from fastapi.middleware.cors import CORSMiddleware
 
 from .api import health, inference, models
 from .config import Settings
 from .errors import install_error_handlers
 from .metrics import Metrics
+from .middleware import ApiKeyMiddleware, BodyGuardMiddleware, Lifecycle, RequestContextMiddleware
 from .registry import Registry, StartupError
+from .schemas import COMMON_ERRORS
 from .serving import Serving
 
 log = logging.getLogger("service")
@@ -56,11 +59,22 @@ def create_app(settings: Settings, on_startup_failure: Callable[[str], None] | N
             await serving.drain_shadow()
             await registry.stop()
 
-    app = FastAPI(title="quantserve", version="0.1.0", lifespan=lifespan,
+    app = FastAPI(title="quantserve", version="0.1.0", lifespan=lifespan, responses=COMMON_ERRORS,
                   description="Serves every quantized variant of each model side by side, with live latency, "
                               "memory and fidelity against FP32.")
     app.state.settings, app.state.metrics, app.state.registry, app.state.serving = settings, metrics, registry, serving
+    app.state.lifecycle = lifecycle = Lifecycle()
     install_error_handlers(app)
     for router in (inference.router, models.router, health.router):
         app.include_router(router)
+    # added innermost first: the request context wraps everything, so every answer carries its id
+    app.add_middleware(BodyGuardMiddleware, max_body_bytes=settings.limits.max_body_bytes)
+    keys = settings.auth.keys()
+    if keys:
+        app.add_middleware(ApiKeyMiddleware, keys=keys, public_paths=settings.auth.public_paths)
+    if settings.cors.allow_origins:
+        app.add_middleware(CORSMiddleware, allow_origins=settings.cors.allow_origins, allow_methods=["GET", "POST"],
+                           allow_headers=settings.cors.allow_headers, expose_headers=["X-Request-ID", "X-Variant"])
+    app.add_middleware(RequestContextMiddleware, lifecycle=lifecycle,
+                       request_timeout_s=settings.limits.request_timeout_s)
     return app

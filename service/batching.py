@@ -57,6 +57,7 @@ class _Request:
     costs: list[int]
     future: asyncio.Future[BatchResult]
     submitted: float
+    tag: str | None = None  # the caller's name for it (a request id), for log lines about its batch
     outputs: list[Any] = field(default_factory=list)
     taken: int = 0
     done_items: int = 0
@@ -121,7 +122,7 @@ class DynamicBatcher:
         if self._own_executor:
             self._executor.shutdown(wait=False)
 
-    async def submit(self, items: list[Any], cost: list[int] | None = None) -> BatchResult:
+    async def submit(self, items: list[Any], cost: list[int] | None = None, tag: str | None = None) -> BatchResult:
         """Queue `items` and wait for their outputs; cancelling the caller drops what is still queued."""
         if self._closing:
             raise BatcherClosed(f"batcher {self.name} is stopped")
@@ -138,7 +139,7 @@ class DynamicBatcher:
             raise QueueFull(f"batcher {self.name}: {self._queued_items} items queued, limit "
                             f"{self.config.max_queue}", retry_after_s=self._retry_after())
         req = _Request(items=list(items), costs=costs, future=asyncio.get_running_loop().create_future(),
-                       submitted=time.perf_counter(), outputs=[None] * len(items))
+                       submitted=time.perf_counter(), outputs=[None] * len(items), tag=tag)
         self._queue.append(req)
         self._queued_items += len(items)
         self._queued_cost += sum(costs)
@@ -229,7 +230,8 @@ class DynamicBatcher:
             raise
         except Exception as exc:  # noqa: BLE001 - any model error fails this batch only
             self._recent.append(time.perf_counter() - start)
-            log.warning("batcher %s: batch of %d failed: %r", self.name, size, exc)
+            log.warning("event=batch_failed batcher=%s size=%d requests=%s error=%r", self.name, size,
+                        ",".join(req.tag or "-" for req, _, _ in batch), exc)
             for req, _, _ in batch:
                 self._fail(req, exc)
             return

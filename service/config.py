@@ -10,11 +10,12 @@ import os
 import re
 from importlib import resources
 from pathlib import Path
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
-from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict
+from pydantic import (BaseModel, BeforeValidator, ConfigDict, Field, SecretStr, ValidationError, field_validator,
+                      model_validator)
+from pydantic_settings import BaseSettings, NoDecode, PydanticBaseSettingsSource, SettingsConfigDict
 
 ENV_PREFIX = "QUANTSERVE_"
 NAME = r"^[a-z0-9][a-z0-9_.-]{0,62}$"
@@ -76,7 +77,8 @@ class ModelConfig(_Strict):
     source: str = Field(description="minilm, intent, a local model directory, or a hub id (needs network)")
     variants: list[VariantConfig] = Field(min_length=1)
     routing: RoutingConfig = Field(default_factory=RoutingConfig)
-    max_input_tokens: int = Field(256, ge=8, le=8192, description="longer inputs are truncated to this many tokens")
+    max_input_tokens: int = Field(256, ge=8, le=8192, description="tokens per input; longer inputs are truncated or "
+                                                                     "refused, as limits.truncation or the request says")
 
     @model_validator(mode="after")
     def _consistent(self) -> "ModelConfig":
@@ -108,6 +110,62 @@ class BatchingConfig(_Strict):
     max_queue: int = Field(1024, ge=1, description="inputs waiting per variant before requests get 429")
 
 
+# Hard ceilings of the request schemas (what /openapi.json states); the configured limits sit at or below them.
+MAX_INPUTS_CEILING = 2048
+MAX_CHARS_CEILING = 100_000
+
+
+class LimitsConfig(_Strict):
+    max_body_bytes: int = Field(2_000_000, ge=1024, le=64_000_000, description="larger request bodies get 413")
+    max_inputs: int = Field(256, ge=1, le=MAX_INPUTS_CEILING, description="texts per request")
+    max_chars: int = Field(20_000, ge=1, le=MAX_CHARS_CEILING, description="characters per text")
+    truncation: Literal["truncate", "error"] = Field(
+        "truncate", description="inputs over a model's max_input_tokens: cut to the limit, or refuse with 422 "
+                                "(a request may choose with its own 'truncation' field)")
+    request_timeout_s: float = Field(30.0, gt=0, le=3600, description="deadline of one request; a client may lower "
+                                                                       "it with the X-Request-Timeout header (seconds)")
+
+
+def _comma_separated(value: Any) -> Any:
+    if isinstance(value, str):  # QUANTSERVE_AUTH__API_KEYS=key1,key2
+        return [k.strip() for k in value.split(",") if k.strip()]
+    return value
+
+
+class AuthConfig(_Strict):
+    api_keys: Annotated[list[SecretStr], NoDecode, BeforeValidator(_comma_separated)] = Field(
+        default_factory=list, description="Bearer keys; set through QUANTSERVE_AUTH__API_KEYS=k1,k2 rather than YAML")
+    api_keys_file: Path | None = Field(None, description="file with one key per line (# comments); adds to api_keys")
+    public_paths: list[str] = Field(["/livez", "/readyz", "/metrics"],
+                                    description="paths answered without a key when keys are set")
+
+    def keys(self) -> list[str]:
+        """Every configured key (the file is read once, at start-up)."""
+        keys = [k.get_secret_value() for k in self.api_keys]
+        if self.api_keys_file is not None:
+            lines = self.api_keys_file.read_text(encoding="utf-8").splitlines()
+            keys += [line.strip() for line in lines if line.strip() and not line.lstrip().startswith("#")]
+        return keys
+
+    @model_validator(mode="after")
+    def _readable_file(self) -> "AuthConfig":
+        if self.api_keys_file is not None:
+            try:
+                keys = self.keys()
+            except OSError as exc:
+                raise ValueError(f"api_keys_file {self.api_keys_file} cannot be read ({exc.strerror}); "
+                                 f"give an existing file with one key per line") from None
+            if not keys:
+                raise ValueError(f"api_keys_file {self.api_keys_file} holds no key; write one key per line")
+        return self
+
+
+class CorsConfig(_Strict):
+    allow_origins: list[str] = Field(default_factory=list, description="origins allowed by CORS; empty: CORS off")
+    allow_headers: list[str] = Field(["Authorization", "Content-Type", "X-Request-ID", "X-Variant",
+                                      "X-Request-Key", "X-Request-Timeout"])
+
+
 class Settings(BaseSettings):
     model_config = SettingsConfigDict(env_prefix=ENV_PREFIX, env_nested_delimiter="__", extra="forbid")
 
@@ -119,7 +177,16 @@ class Settings(BaseSettings):
         None, description="save built variants here and load them on the next start instead of quantizing again")
     probe_texts: int = Field(64, ge=1, le=240, description="built-in sentences used to measure start-up fidelity")
     threads: int | None = Field(None, ge=1, description="torch intra-op threads (default: torch's choice)")
+    log_format: Literal["text", "json"] = Field("text", description="text: key=value lines; json: one object a line")
     batching: BatchingConfig = Field(default_factory=BatchingConfig)
+    limits: LimitsConfig = Field(default_factory=LimitsConfig)
+    auth: AuthConfig = Field(default_factory=AuthConfig)
+    cors: CorsConfig = Field(default_factory=CorsConfig)
+    grace_period_s: float = Field(30.0, ge=0, le=3600, description="after SIGTERM: time for accepted requests to "
+                                                                    "finish before the process exits")
+    on_variant_failure: Literal["stop", "mark_unavailable"] = Field(
+        "stop", description="a variant that fails to build: stop start-up, or serve without it (reported in "
+                            "/v1/models and /readyz; requests for it get 503)")
     models: list[ModelConfig] = Field(min_length=1)
 
     @model_validator(mode="after")
@@ -156,9 +223,12 @@ def load_settings(config: str | Path | None = None, **overrides: Any) -> Setting
         raise ConfigError(f"the config file {path} is not valid YAML ({str(exc).splitlines()[0]}); fix its syntax") from None
     if not isinstance(data, dict):
         raise ConfigError(f"the config file {path or 'built-in'} must be a YAML mapping with a 'models' list")
-    # The YAML's keys are plain defaults: an environment variable or a CLI option wins over them.
-    env_keys = {k[len(ENV_PREFIX):].lower().split("__")[0] for k in os.environ if k.startswith(ENV_PREFIX)}
-    values = {k: v for k, v in data.items() if k not in env_keys}
+    # The YAML's keys are plain defaults: an environment variable or a CLI option wins over them
+    # (QUANTSERVE_AUTH__API_KEYS replaces auth.api_keys only; the sources are merged key by key).
+    values = dict(data)
+    for key in os.environ:
+        if key.startswith(ENV_PREFIX) and key != f"{ENV_PREFIX}CONFIG":
+            _drop(values, key[len(ENV_PREFIX):].lower().split("__"))
     values.update({k: v for k, v in overrides.items() if v is not None})
     if path:
         values["config"] = Path(path)
@@ -166,6 +236,18 @@ def load_settings(config: str | Path | None = None, **overrides: Any) -> Setting
         return Settings(**values)
     except ValidationError as exc:
         raise ConfigError(describe_validation_error(exc, path)) from None
+
+
+def _drop(values: dict[str, Any], path: list[str]) -> None:
+    """Remove ``path`` from nested ``values`` (copying the dicts it passes through)."""
+    head, rest = path[0], path[1:]
+    if head not in values:
+        return
+    if not rest:
+        del values[head]
+    elif isinstance(values[head], dict):
+        values[head] = dict(values[head])
+        _drop(values[head], rest)
 
 
 def describe_validation_error(exc: ValidationError, path: Any = None) -> str:

@@ -104,7 +104,8 @@ class ServedModel:
         return {"name": c.name, "task": c.task, "source": c.source, "default_variant": c.default_variant,
                 "baseline": c.baseline, "max_input_tokens": c.max_input_tokens,
                 "routing": c.routing.model_dump(), "labels": len(self.task_model.labels or []) or None,
-                "variants": [v.describe() for v in self.variants.values()]}
+                "variants": [v.describe() for v in self.variants.values()],
+                "unavailable": [{"name": n, "error": e} for n, e in self.router.unavailable.items()]}
 
 
 class Registry:
@@ -143,7 +144,20 @@ class Registry:
             probe_items = served.adapter.tokenize(probes)
             reference = served.adapter.run(tm.module, probe_items)
             for vc in mc.variants:
-                served.variants[vc.name] = self._build_variant(served, vc, probe_items, reference)
+                try:
+                    served.variants[vc.name] = self._build_variant(served, vc, probe_items, reference)
+                except Exception as exc:  # noqa: BLE001 - judged by on_variant_failure below
+                    if not isinstance(exc, StartupError):
+                        log.exception("event=variant_build_crashed model=%s variant=%s", mc.name, vc.name)
+                    reason = str(exc) if isinstance(exc, StartupError) else (
+                        f"model {mc.name!r} variant {vc.name!r}: {type(exc).__name__}: {exc}")
+                    if self.settings.on_variant_failure == "stop":
+                        raise StartupError(reason) from exc
+                    served.router.mark_unavailable(vc.name, reason)
+                    self._say(f"event=variant_unavailable model={mc.name} variant={vc.name} reason={reason!r}")
+            if not served.variants:
+                raise StartupError(f"model {mc.name!r}: none of its variants could be built; fix the first: "
+                                   f"{next(iter(served.router.unavailable.values()))}")
             self.models[mc.name] = served
 
     def _say(self, message: str) -> None:

@@ -12,7 +12,7 @@ import hashlib
 import random
 
 from .config import ModelConfig
-from .errors import UnknownVariant
+from .errors import UnknownVariant, VariantUnavailable
 
 
 class Router:
@@ -27,11 +27,29 @@ class Router:
         self.shadow = config.routing.shadow
         self.shadow_variant = config.routing.shadow_variant
         self.rng = rng or random.Random()
+        self.unavailable: dict[str, str] = {}  # variant -> why it could not be built
+
+    @property
+    def working(self) -> list[str]:
+        return [v for v in self.variants if v not in self.unavailable]
+
+    def mark_unavailable(self, variant: str, reason: str) -> None:
+        """Serve without ``variant``: unpinned traffic moves to the baseline or the first working variant."""
+        self.unavailable[variant] = reason
+        working = self.working
+        self.split = [(name, w) for name, w in self.split if name in working]
+        self.total = sum(w for _, w in self.split)
+        if self.default not in working and working:
+            self.default = self.baseline if self.baseline in working else working[0]
 
     def check(self, variant: str) -> str:
         if variant not in self.variants:
             raise UnknownVariant(f"model {self.model!r} has no variant {variant!r}; available: "
-                                 f"{', '.join(self.variants)}", available=self.variants)
+                                 f"{', '.join(self.working)}", available=self.working)
+        if variant in self.unavailable:
+            raise VariantUnavailable(f"variant {variant!r} of model {self.model!r} is unavailable (it failed to "
+                                     f"build at start-up); working variants: {', '.join(self.working)}",
+                                     available=self.working)
         return variant
 
     def choose(self, pinned: str | None = None, request_key: str | None = None) -> str:
@@ -49,11 +67,12 @@ class Router:
 
     def shadow_target(self, served: str) -> str | None:
         """The variant to shadow this request on, or None (not sampled, or nothing to compare with)."""
-        if self.shadow <= 0 or len(self.variants) < 2 or self.rng.random() >= self.shadow:
+        working = self.working
+        if self.shadow <= 0 or len(working) < 2 or self.rng.random() >= self.shadow:
             return None
         target = self.shadow_variant or (self.baseline if served != self.baseline else None)
-        if target is None or target == served:
-            target = next((v for v in self.variants if v != served), None)
+        if target is None or target == served or target not in working:
+            target = next((v for v in working if v != served), None)
         return target
 
 

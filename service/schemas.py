@@ -8,13 +8,29 @@ from __future__ import annotations
 
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, StringConstraints
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, StringConstraints
 
-MAX_INPUTS = 256
-MAX_CHARS = 20_000
-Text = Annotated[str, StringConstraints(max_length=MAX_CHARS)]
-Inputs = Annotated[list[Text], Field(min_length=1, max_length=MAX_INPUTS,
-                                     description=f"1 to {MAX_INPUTS} texts of at most {MAX_CHARS} characters")]
+from .config import MAX_CHARS_CEILING, MAX_INPUTS_CEILING
+
+
+def _valid_unicode(text: str) -> str:
+    # JSON may carry lone UTF-16 surrogates ("\ud800"); no tokenizer can take them
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as exc:
+        raise ValueError(f"contains an unpaired surrogate (U+{ord(text[exc.start]):04X}) at position {exc.start}, "
+                         f"which is not valid Unicode; send UTF-8 text") from None
+    return text
+
+
+# The schema holds the hard ceilings; the configured limits (GET /v1/models, "limits") are checked per request.
+Text = Annotated[str, StringConstraints(max_length=MAX_CHARS_CEILING), AfterValidator(_valid_unicode)]
+Inputs = Annotated[list[Text], Field(min_length=1, max_length=MAX_INPUTS_CEILING,
+                                     description="1 or more texts, within the configured limits.max_inputs and "
+                                                 "limits.max_chars (default 256 and 20000; see GET /v1/models)")]
+Truncation = Annotated[Literal["truncate", "error"] | None, Field(
+    None, description="inputs over the model's max_input_tokens: cut them (truncate) or refuse the request (error); "
+                      "default: the server's limits.truncation")]
 
 
 class _Request(BaseModel):
@@ -23,6 +39,7 @@ class _Request(BaseModel):
 
 class Usage(BaseModel):
     input_tokens: int = Field(description="tokens the model read, after truncation")
+    truncated: list[int] = Field(default_factory=list, description="indices of inputs cut to max_input_tokens")
 
 
 class Timing(BaseModel):
@@ -34,6 +51,7 @@ class EmbedRequest(_Request):
     model: str | None = Field(None, description="embedding model (default: the first configured)")
     inputs: Inputs
     variant: str | None = Field(None, description="pin a variant (also: X-Variant header)")
+    truncation: Truncation
     normalize: bool = Field(True, description="L2-normalise the vectors")
 
 
@@ -55,6 +73,7 @@ class ClassifyRequest(_Request):
     inputs: Inputs
     top_k: int = Field(1, ge=1, le=1000, description="labels to return per input, best first")
     variant: str | None = Field(None, description="pin a variant (also: X-Variant header)")
+    truncation: Truncation
 
 
 class LabelScore(BaseModel):
@@ -77,6 +96,7 @@ class ClassifyResponse(Timing):
 class CompareRequest(_Request):
     model: str = Field(description="the model whose variants to compare")
     inputs: Annotated[list[Text], Field(min_length=1, max_length=32, description="1 to 32 texts")]
+    truncation: Truncation
 
 
 class VariantComparison(Timing):
@@ -124,10 +144,27 @@ class OpenAIEmbeddingsResponse(BaseModel):
     usage: OpenAIUsage
 
 
+class FieldError(BaseModel):
+    field: str
+    message: str
+
+
 class ErrorDetail(BaseModel):
     type: str
     message: str
+    request_id: str | None = Field(None, description="also in the X-Request-ID header and in every log line")
+    fields: list[FieldError] | None = None
+    available: list[str] | None = None
 
 
 class ErrorResponse(BaseModel):
     error: ErrorDetail
+
+
+def error_responses(*statuses: int) -> dict[int | str, dict[str, Any]]:
+    """OpenAPI entries: these statuses answer with the uniform error body."""
+    return {status: {"model": ErrorResponse} for status in statuses}
+
+
+# Any route may answer these: a missing key (when keys are set), a bug, shutting down or not ready.
+COMMON_ERRORS = error_responses(401, 500, 503)

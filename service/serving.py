@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import time
 from dataclasses import dataclass
@@ -10,8 +11,10 @@ from typing import Any
 
 import torch
 
-from .batching import BatchResult, QueueFull
-from .errors import InferenceFailed, NotReady, Overloaded, ServiceError
+from . import context
+from .batching import BatcherClosed, BatchResult, QueueFull
+from .errors import (DeadlineExceeded, InferenceFailed, InvalidInput, NotReady, Overloaded, ServiceError,
+                     ShuttingDown)
 from .registry import Registry, ServedModel, Variant
 from .tasks import TaskAdapter
 
@@ -24,7 +27,14 @@ class Served:
     variant: Variant
     outputs: list[torch.Tensor]
     tokens: int
+    truncated: list[int]
     batch: BatchResult
+
+
+class ClientGone(ServiceError):
+    """The client disconnected before its answer was ready (nginx's 499; nobody reads the body)."""
+
+    status, type = 499, "client_closed_request"
 
 
 class Serving:
@@ -41,22 +51,29 @@ class Serving:
         served = self.registry.get(model, task)
         return served, served.variants[served.router.choose(pinned, request_key)]
 
+    def check_limits(self, texts: list[str], field: str = "inputs") -> None:
+        """The configured limits (the request schema only holds the hard ceilings)."""
+        limits = self.registry.settings.limits
+        if len(texts) > limits.max_inputs:
+            raise InvalidInput(f"{field}: {len(texts)} inputs, more than the limit of {limits.max_inputs} per request "
+                               f"(limits.max_inputs); split the request", fields=[{"field": field, "message":
+                                                                                   f"at most {limits.max_inputs}"}])
+        for i, text in enumerate(texts):
+            if len(text) > limits.max_chars:
+                raise InvalidInput(f"{field}.{i}: {len(text)} characters, more than the limit of {limits.max_chars} "
+                                   f"(limits.max_chars)", fields=[{"field": f"{field}.{i}", "message":
+                                                                   f"at most {limits.max_chars} characters"}])
+
     async def infer(self, served: ServedModel, variant: Variant, texts: list[str], endpoint: str,
-                    shadow: bool = True) -> Served:
+                    shadow: bool = True, truncation: str | None = None, field: str = "inputs") -> Served:
+        """Tokenize, queue on the variant's batcher and wait, within the request's deadline, for the outputs."""
         labels = (served.name, served.config.task, variant.name)
         start = time.perf_counter()
         status = "200"
         try:
-            items = served.adapter.tokenize(texts)
-            try:
-                batch = await variant.batcher.submit(items)
-            except QueueFull as exc:
-                retry = max(1, round(exc.retry_after_s))
-                raise Overloaded(f"variant {variant.name!r} of {served.name!r} has a full queue; retry in {retry} s",
-                                 headers={"Retry-After": str(retry)}) from None
-            except Exception as exc:  # a failed batch fails its requests only
-                log.exception("event=batch_failed model=%s variant=%s", served.name, variant.name)
-                raise InferenceFailed(f"inference failed on variant {variant.name!r}: {type(exc).__name__}") from None
+            self.check_limits(texts, field)
+            encoded = served.adapter.encode(texts, truncation or self.registry.settings.limits.truncation, field)
+            batch = await self._submit(served, variant, encoded.items)
         except ServiceError as exc:
             status = str(exc.status)
             raise
@@ -67,12 +84,57 @@ class Serving:
                 self.metrics.request_seconds.labels(*labels, endpoint).observe(elapsed)
         self.metrics.queue_seconds.labels(*labels).observe(batch.queue_seconds)
         variant.record_latency(elapsed, len(texts))
-        result = Served(served, variant, batch.outputs, sum(len(i) for i in items), batch)
+        items = encoded.items
+        result = Served(served, variant, batch.outputs, sum(len(i) for i in items), encoded.truncated, batch)
         if shadow:
             target = served.router.shadow_target(variant.name)
             if target is not None:
                 self._spawn(self._shadow(served, variant, served.variants[target], items, batch.outputs))
         return result
+
+    async def _submit(self, served: ServedModel, variant: Variant, items: list[list[int]]) -> BatchResult:
+        """Wait for the batcher; a passed deadline or a gone client cancels the wait, which unqueues the items."""
+        ctx = context.current()
+        if ctx is None:  # called outside an HTTP request (tests, tools): no deadline
+            return await self._batch(served, variant, items, None)
+        remaining = ctx.remaining()
+        if remaining <= 0:
+            raise DeadlineExceeded("the request's deadline passed before it reached the model")
+        work = asyncio.ensure_future(self._batch(served, variant, items, ctx.request_id))
+        gone = asyncio.ensure_future(ctx.disconnected.wait())
+        try:
+            done, _ = await asyncio.wait({work, gone}, timeout=remaining, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            gone.cancel()
+        if work in done:
+            return work.result()
+        work.cancel()
+        with contextlib.suppress(asyncio.CancelledError, Exception):
+            await work
+        if ctx.disconnected.is_set():
+            log.info("event=client_gone model=%s variant=%s queued_items_dropped=%d", served.name, variant.name,
+                     len(items))
+            raise ClientGone("the client closed the connection; its queued work was dropped")
+        log.warning("event=deadline_exceeded model=%s variant=%s", served.name, variant.name)
+        raise DeadlineExceeded(f"no answer within the request's deadline of {ctx.deadline - ctx.started:.3f} s; "
+                               f"retry later, send fewer inputs or raise X-Request-Timeout (server limit "
+                               f"{self.registry.settings.limits.request_timeout_s:g} s)")
+
+    async def _batch(self, served: ServedModel, variant: Variant, items: list[list[int]],
+                     request_id: str | None) -> BatchResult:
+        try:
+            return await variant.batcher.submit(items, tag=request_id)
+        except QueueFull as exc:
+            retry = max(1, round(exc.retry_after_s))
+            raise Overloaded(f"variant {variant.name!r} of {served.name!r} has a full queue; retry in {retry} s",
+                             headers={"Retry-After": str(retry)}) from None
+        except BatcherClosed:
+            raise ShuttingDown("the service is shutting down; retry on another replica",
+                               headers={"Retry-After": "1"}) from None
+        except Exception as exc:  # a failed batch fails its requests only
+            log.exception("event=batch_failed model=%s variant=%s", served.name, variant.name)
+            raise InferenceFailed(f"inference failed on variant {variant.name!r} ({type(exc).__name__}); the "
+                                  f"request id names it in the logs") from None
 
     def _spawn(self, coro) -> None:
         task = asyncio.get_running_loop().create_task(coro)

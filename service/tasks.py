@@ -7,6 +7,7 @@ variant's module and returns one output per item, in order.
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -14,6 +15,14 @@ import torch.nn.functional as F
 
 from quantization.fidelity import fidelity
 from quantization.models import TaskModel
+
+from .errors import InvalidInput
+
+
+@dataclass
+class Encoded:
+    items: list[list[int]]  # token ids per input
+    truncated: list[int]  # indices of the inputs that were cut to the limit
 
 
 class TaskAdapter:
@@ -25,8 +34,24 @@ class TaskAdapter:
         self.pad_id = tok.pad_token_id if tok.pad_token_id is not None else 0
 
     def tokenize(self, texts: list[str]) -> list[list[int]]:
-        enc = self.tm.tokenizer(list(texts), truncation=True, max_length=self.max_tokens)
-        return [list(ids) for ids in enc["input_ids"]]
+        return self.encode(texts).items
+
+    def encode(self, texts: list[str], truncation: str = "truncate", field: str = "inputs") -> "Encoded":
+        """Token ids per text. Over ``max_tokens``: cut (and reported) or refused, as ``truncation`` says."""
+        # one token over the limit is enough to tell "too long" without tokenizing a huge text in full twice
+        ids = self.tm.tokenizer(list(texts), truncation=True, max_length=self.max_tokens + 1)["input_ids"]
+        over = [i for i, x in enumerate(ids) if len(x) > self.max_tokens]
+        if over and truncation == "error":
+            i = over[0]
+            raise InvalidInput(f"{field}.{i}: longer than the model's limit of {self.max_tokens} tokens; shorten it "
+                               f"or send \"truncation\": \"truncate\"",
+                               fields=[{"field": f"{field}.{i}", "message": f"over {self.max_tokens} tokens"}
+                                       for i in over])
+        if over:
+            cut = self.tm.tokenizer([texts[i] for i in over], truncation=True, max_length=self.max_tokens)["input_ids"]
+            for i, x in zip(over, cut):
+                ids[i] = x
+        return Encoded([list(x) for x in ids], over)
 
     def collate(self, items: list[list[int]]) -> dict[str, torch.Tensor]:
         longest = max(len(ids) for ids in items)

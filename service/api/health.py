@@ -15,12 +15,16 @@ async def livez() -> dict[str, str]:
     return {"status": "alive"}
 
 
-@router.get("/readyz", summary="200 once every model and variant is built and warmed up; 503 before")
-async def readyz(registry: RegistryDep) -> JSONResponse:
-    body = {"ready": registry.ready, "models": {m.name: list(m.variants) for m in registry.models.values()},
+@router.get("/readyz", summary="200 once every model and variant is built and warmed up; 503 before and while "
+                                "shutting down")
+async def readyz(request: Request, registry: RegistryDep) -> JSONResponse:
+    draining = request.app.state.lifecycle.draining
+    ready = registry.ready and not draining
+    body = {"ready": ready, "draining": draining,
+            "models": {m.name: list(m.variants) for m in registry.models.values()},
+            "unavailable": {m.name: m.router.unavailable for m in registry.models.values() if m.router.unavailable},
             "progress": registry.progress[-5:], "error": registry.error}
-    return JSONResponse(body, status_code=200 if registry.ready else 503,
-                        headers=None if registry.ready else {"Retry-After": "5"})
+    return JSONResponse(body, status_code=200 if ready else 503, headers=None if ready else {"Retry-After": "5"})
 
 
 @router.get("/metrics", summary="Prometheus metrics", response_class=Response)

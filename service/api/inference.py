@@ -8,30 +8,24 @@ import base64
 import numpy as np
 from fastapi import APIRouter, Response
 
-from ..errors import ServiceError, UnknownModel
+from ..errors import InvalidInput, UnknownModel
 from ..schemas import (ClassifyRequest, ClassifyResponse, CompareRequest, CompareResponse, EmbedRequest,
-                       EmbedResponse, ErrorResponse, OpenAIEmbeddingsRequest, OpenAIEmbeddingsResponse)
+                       EmbedResponse, OpenAIEmbeddingsRequest, OpenAIEmbeddingsResponse, error_responses)
 from ..serving import as_results
 from .deps import RequestKeyHeader, ServingDep, VariantHeader
 
-ERRORS = {404: {"model": ErrorResponse}, 422: {"model": ErrorResponse}, 429: {"model": ErrorResponse},
-          503: {"model": ErrorResponse}}
-router = APIRouter(prefix="/v1", responses=ERRORS)
-
-
-class InvalidInput(ServiceError):
-    status, type = 422, "invalid_request"
+router = APIRouter(prefix="/v1", responses=error_responses(404, 413, 415, 422, 429, 504))
 
 
 @router.post("/embed", response_model=EmbedResponse, summary="Sentence embeddings from one variant")
 async def embed(req: EmbedRequest, response: Response, serving: ServingDep, x_variant: VariantHeader = None,
                 x_request_key: RequestKeyHeader = None) -> EmbedResponse:
     served, variant = serving.resolve(req.model, "embed", req.variant or x_variant, x_request_key)
-    out = await serving.infer(served, variant, req.inputs, "embed")
+    out = await serving.infer(served, variant, req.inputs, "embed", truncation=req.truncation)
     response.headers["X-Variant"] = variant.name
     return EmbedResponse(model=served.name, variant=variant.name, dimension=int(out.outputs[0].numel()),
                          results=as_results(served.adapter, out.outputs, normalize=req.normalize),
-                         usage={"input_tokens": out.tokens}, queue_seconds=out.batch.queue_seconds,
+                         usage={"input_tokens": out.tokens, "truncated": out.truncated}, queue_seconds=out.batch.queue_seconds,
                          inference_seconds=out.batch.inference_seconds)
 
 
@@ -41,7 +35,7 @@ async def embeddings(req: OpenAIEmbeddingsRequest, response: Response, serving: 
                      x_variant: VariantHeader = None, x_request_key: RequestKeyHeader = None):
     texts = [req.input] if isinstance(req.input, str) else list(req.input)
     served, variant = serving.resolve(req.model, "embed", x_variant, x_request_key)
-    out = await serving.infer(served, variant, texts, "embeddings")
+    out = await serving.infer(served, variant, texts, "embeddings", field="input")
     dim = int(out.outputs[0].numel())
     if req.dimensions is not None and req.dimensions != dim:
         raise InvalidInput(f"dimensions: model {served.name!r} has {dim} dimensions and cannot shorten them; "
@@ -61,11 +55,11 @@ async def embeddings(req: OpenAIEmbeddingsRequest, response: Response, serving: 
 async def classify(req: ClassifyRequest, response: Response, serving: ServingDep, x_variant: VariantHeader = None,
                    x_request_key: RequestKeyHeader = None) -> ClassifyResponse:
     served, variant = serving.resolve(req.model, "classify", req.variant or x_variant, x_request_key)
-    out = await serving.infer(served, variant, req.inputs, "classify")
+    out = await serving.infer(served, variant, req.inputs, "classify", truncation=req.truncation)
     response.headers["X-Variant"] = variant.name
     return ClassifyResponse(model=served.name, variant=variant.name,
                             results=as_results(served.adapter, out.outputs, top_k=req.top_k),
-                            usage={"input_tokens": out.tokens}, queue_seconds=out.batch.queue_seconds,
+                            usage={"input_tokens": out.tokens, "truncated": out.truncated}, queue_seconds=out.batch.queue_seconds,
                             inference_seconds=out.batch.inference_seconds)
 
 
@@ -79,8 +73,8 @@ async def compare(req: CompareRequest, serving: ServingDep) -> CompareResponse:
     task = configured[req.model]
     served, _ = serving.resolve(req.model, task, None, None)
     names = list(served.variants)
-    runs = await asyncio.gather(*(serving.infer(served, served.variants[n], req.inputs, "compare", shadow=False)
-                                  for n in names))
+    runs = await asyncio.gather(*(serving.infer(served, served.variants[n], req.inputs, "compare", shadow=False,
+                                                truncation=req.truncation) for n in names))
     by_name = dict(zip(names, runs))
     baseline = served.config.baseline
     reference = by_name[baseline].outputs if baseline else None

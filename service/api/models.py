@@ -7,6 +7,7 @@ from typing import Any
 from fastapi import APIRouter
 
 from ..errors import UnknownModel
+from ..schemas import error_responses
 from .deps import RegistryDep
 
 router = APIRouter(prefix="/v1")
@@ -14,11 +15,14 @@ router = APIRouter(prefix="/v1")
 
 @router.get("/models", summary="Every model with its variants")
 async def list_models(registry: RegistryDep) -> dict[str, Any]:
+    settings = registry.settings
     return {"ready": registry.ready, "models": [m.describe() for m in registry.models.values()],
-            "configured": registry.settings.model_names()}
+            "configured": settings.model_names(),
+            "limits": {**settings.limits.model_dump(), "max_queue": settings.batching.max_queue,
+                       "max_input_tokens": {m.name: m.max_input_tokens for m in settings.models}}}
 
 
-@router.get("/models/{name}", summary="One model with its variants")
+@router.get("/models/{name}", summary="One model with its variants", responses=error_responses(404))
 async def get_model(name: str, registry: RegistryDep) -> dict[str, Any]:
     served = registry.models.get(name)
     if served is None:
