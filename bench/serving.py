@@ -18,12 +18,13 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-import argparse, asyncio, itertools, json, re, signal, socket, statistics, subprocess, tempfile, time  # noqa: E401,E402
+import argparse, asyncio, itertools, json, re, statistics, time  # noqa: E401,E402
 from collections import Counter  # noqa: E402
 from typing import Any  # noqa: E402
 
 import httpx  # noqa: E402
 
+from bench.live import ServiceProcess  # noqa: E402
 from bench.results import machine_summary, write_section  # noqa: E402
 from quantization.pipeline import eval_texts  # noqa: E402
 from service.app import create_app  # noqa: E402
@@ -33,38 +34,6 @@ MODELS = {"minilm": "/v1/embed", "intent": "/v1/classify"}
 VARIANTS = ["fp32", "int8"]
 CONCURRENCY = [1, 8, 32]
 BATCH = 32
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def wait_ready(url: str, proc: subprocess.Popen, log: Path, timeout: float = 900.0) -> float:
-    """Poll /readyz until 200; raise with the server's log tail if it exits or times out."""
-    start = time.perf_counter()
-    while time.perf_counter() - start < timeout:
-        if proc.poll() is not None:
-            raise RuntimeError(f"the service exited ({proc.returncode}):\n{log.read_text()[-2000:]}")
-        try:
-            if httpx.get(f"{url}/readyz", timeout=5).status_code == 200:
-                return time.perf_counter() - start
-        except httpx.HTTPError:
-            pass
-        time.sleep(0.5)
-    raise RuntimeError(f"the service was not ready after {timeout:.0f} s:\n{log.read_text()[-2000:]}")
-
-
-def stop(proc: subprocess.Popen, timeout: float = 20.0) -> None:
-    """SIGTERM, then SIGKILL if it has not exited within ``timeout``."""
-    if proc.poll() is None:
-        proc.send_signal(signal.SIGTERM)
-        try:
-            proc.wait(timeout)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
 
 
 def in_process(registry: Any, texts: list[str], rounds: int) -> dict[tuple[str, str], dict[str, list[float]]]:
@@ -173,17 +142,13 @@ def main() -> int:
     texts = eval_texts()
     started, t0 = time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()), time.perf_counter()
 
-    port = free_port()
-    url = f"http://127.0.0.1:{port}"
-    log = Path(tempfile.mkstemp(prefix="quantserve-bench-", suffix=".log")[1])
-    with log.open("w") as fh:
-        proc = subprocess.Popen([sys.executable, "-m", "service", "--host", "127.0.0.1", "--port", str(port),
-                                 "--log-level", "warning"], cwd=ROOT, stdout=fh, stderr=subprocess.STDOUT)
+    service = ServiceProcess("--log-level", "warning")
+    url = service.url
     try:
         print("building the variants in-process (the service builds its own meanwhile) ...", file=sys.stderr)
         app = create_app(load_settings(probe_texts=8))
         app.state.registry.build()
-        ready_s = wait_ready(url, proc, log)
+        ready_s = service.wait_ready()
         print("timing in-process baselines ...", file=sys.stderr)
         base = in_process(app.state.registry, texts, rounds)
         rows = asyncio.run(load(url, texts, seconds, warmup))
@@ -192,7 +157,7 @@ def main() -> int:
             base[key]["single_s"] += s["single_s"]
             base[key]["batched_per_s"] += s["batched_per_s"]
     finally:
-        stop(proc)
+        service.stop()
     baselines = {f"{m}/{v}": {"single_ms": 1000 * statistics.median(s["single_s"]),
                               "batched_per_s": statistics.median(s["batched_per_s"])} for (m, v), s in base.items()}
     for r in rows:
@@ -211,7 +176,7 @@ def main() -> int:
         (ROOT / "bench" / "results").mkdir(exist_ok=True)
         (ROOT / "bench" / "results" / "http.json").write_text(json.dumps(result, indent=2) + "\n")
         write_section("http", table)
-    log.unlink(missing_ok=True)
+    service.log.unlink(missing_ok=True)
     return 0
 
 

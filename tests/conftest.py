@@ -36,3 +36,43 @@ def minilm_ref(minilm, texts):
 @pytest.fixture(scope="session")
 def intent_ref(intent, texts):
     return intent.run(None, texts)
+
+
+HOSTILE_CONFIG = """
+limits: {max_body_bytes: 300000, max_inputs: 64, max_chars: 5000, request_timeout_s: 60}
+batching: {max_batch_size: 16, max_queue: 64}
+on_variant_failure: mark_unavailable
+models:
+  - name: minilm
+    task: embed
+    source: minilm
+    max_input_tokens: 64
+    variants:
+      - {name: fp32, strategy: fp32}
+      - {name: int8, strategy: dynamic-int8}
+      - {name: broken, strategy: dynamic-int8, artifact: ARTIFACT}
+    routing: {default: int8}
+  - name: intent
+    task: classify
+    source: intent
+    variants:
+      - {name: fp32, strategy: fp32}
+"""
+
+
+@pytest.fixture(scope="session")
+def hostile_server(tmp_path_factory):
+    """A real service with small limits and a variant whose artifact is corrupt (served without it)."""
+    from bench.live import thread_server
+    from service.app import create_app
+    from service.config import load_settings
+
+    root = tmp_path_factory.mktemp("hostile")
+    broken = root / "broken-artifact"
+    broken.mkdir()
+    (broken / "manifest.json").write_text("{not json")
+    path = root / "models.yaml"
+    path.write_text(HOSTILE_CONFIG.replace("ARTIFACT", str(broken)))
+    app = create_app(load_settings(path, probe_texts=16))
+    with thread_server(app) as (base, _):
+        yield base, app

@@ -4,8 +4,6 @@ from __future__ import annotations
 
 import asyncio
 import base64
-import socket
-import threading
 import time
 
 import httpx
@@ -13,45 +11,19 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
-import uvicorn
 from prometheus_client.parser import text_string_to_metric_families
 
+from bench.live import thread_server
 from quantization.pipeline import eval_texts
 from service.app import create_app
 from service.config import load_settings
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.fixture(scope="module")
 def server():
-    port = free_port()
-    settings = load_settings(port=port, probe_texts=32)
-    app = create_app(settings)
-    srv = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning"))
-    thread = threading.Thread(target=srv.run, daemon=True)
-    thread.start()
-    base = f"http://127.0.0.1:{port}"
-    deadline = time.monotonic() + 600
-    saw_not_ready = False
-    while time.monotonic() < deadline:
-        try:
-            r = httpx.get(f"{base}/readyz", timeout=5)
-            if r.status_code == 200:
-                break
-            saw_not_ready = saw_not_ready or r.status_code == 503
-        except httpx.TransportError:
-            pass
-        time.sleep(0.5)
-    else:
-        pytest.fail("the service did not become ready")
-    yield base, app, saw_not_ready
-    srv.should_exit = True
-    thread.join(60)
+    app = create_app(load_settings(probe_texts=32))
+    with thread_server(app) as (base, saw_not_ready):
+        yield base, app, saw_not_ready
 
 
 def direct(app, model: str, variant: str, texts: list[str]) -> torch.Tensor:

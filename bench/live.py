@@ -1,0 +1,100 @@
+"""A real service on 127.0.0.1 for benchmarks and tests: in a thread of this process, or as its own process.
+
+``python -m service`` in a subprocess is what users run (signals, exit status, its own memory);
+the thread server lets a test reach into the app (its registry, its variants) while calling it over HTTP.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from pathlib import Path
+from typing import Any, Iterator
+
+import httpx
+import uvicorn
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def wait_ready(url: str, proc: subprocess.Popen | None = None, log: Path | None = None,
+               timeout: float = 900.0) -> tuple[float, bool]:
+    """Poll /readyz until 200: (seconds it took, whether a 503 was seen first). Raises if it exits or times out."""
+    start = time.perf_counter()
+    saw_503 = False
+    tail = lambda: log.read_text(errors="replace")[-3000:] if log else ""  # noqa: E731
+    while time.perf_counter() - start < timeout:
+        if proc is not None and proc.poll() is not None:
+            raise RuntimeError(f"the service exited ({proc.returncode}):\n{tail()}")
+        try:
+            status = httpx.get(f"{url}/readyz", timeout=5).status_code
+            if status == 200:
+                return time.perf_counter() - start, saw_503
+            saw_503 = saw_503 or status == 503
+        except httpx.HTTPError:
+            pass
+        time.sleep(0.25)
+    raise RuntimeError(f"the service was not ready after {timeout:.0f} s:\n{tail()}")
+
+
+def stop(proc: subprocess.Popen, timeout: float = 20.0) -> int:
+    """SIGTERM, then SIGKILL if it has not exited within ``timeout``; the exit status."""
+    if proc.poll() is None:
+        proc.send_signal(signal.SIGTERM)
+        try:
+            proc.wait(timeout)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+    return proc.returncode
+
+
+class ServiceProcess:
+    """``python -m service`` on a free port; its combined output goes to ``log``."""
+
+    def __init__(self, *args: str, env: dict[str, str] | None = None, log: Path | None = None) -> None:
+        self.port = free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        self.log = log or Path(tempfile.mkstemp(prefix="quantserve-", suffix=".log")[1])
+        with self.log.open("w") as fh:
+            self.proc = subprocess.Popen([sys.executable, "-m", "service", "--host", "127.0.0.1", "--port",
+                                          str(self.port), *args], cwd=ROOT, stdout=fh, stderr=subprocess.STDOUT,
+                                         env={**os.environ, **(env or {})})
+
+    def wait_ready(self, timeout: float = 900.0) -> float:
+        return wait_ready(self.url, self.proc, self.log, timeout)[0]
+
+    def stop(self, timeout: float = 20.0) -> int:
+        return stop(self.proc, timeout)
+
+    def output(self) -> str:
+        return self.log.read_text(errors="replace")
+
+
+@contextlib.contextmanager
+def thread_server(app: Any, timeout: float = 900.0) -> Iterator[tuple[str, bool]]:
+    """uvicorn in a daemon thread: yields (base url, whether /readyz said 503 before 200); stops on exit."""
+    port = free_port()
+    srv = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning"))
+    thread = threading.Thread(target=srv.run, daemon=True)
+    thread.start()
+    url = f"http://127.0.0.1:{port}"
+    try:
+        _, saw_503 = wait_ready(url, timeout=timeout)
+        yield url, saw_503
+    finally:
+        srv.should_exit = True
+        thread.join(60)

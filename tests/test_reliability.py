@@ -1,0 +1,325 @@
+"""Whatever a client sends gets a correct answer or a clear 4xx; the service stays healthy under abuse.
+
+Runs against a real uvicorn server (the ``hostile_server`` fixture: small limits, one variant that
+fails to build and is served without) and, for API keys, a second one with keys configured.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import socket
+import threading
+import time
+
+import httpx
+import pytest
+import torch
+import torch.nn.functional as F
+from prometheus_client.parser import text_string_to_metric_families
+
+from bench.live import thread_server
+from service.app import create_app
+from service.config import ConfigError, load_settings
+from service.context import RequestIdFilter
+from service.metrics import Metrics
+from service.registry import Registry, StartupError
+
+LONG = "the quick brown fox jumps over the lazy dog " * 40  # ~360 tokens: over minilm's 64 here
+J = {"Content-Type": "application/json"}
+
+
+def _raw(obj) -> bytes:
+    return json.dumps(obj).encode()
+
+
+HOSTILE = [
+    # (case, path, body bytes, extra headers, status, needle in message or fields)
+    ("emoji", "/v1/embed", _raw({"inputs": ["I love it 😍🔥👍🏽 👨‍👩‍👧"]}), {}, 200, None),
+    ("right-to-left", "/v1/embed", _raw({"inputs": ["مرحبا بالعالم", "שלום עולם", "mixed עברית and English"]}), {},
+     200, None),
+    ("NUL and control characters", "/v1/embed", _raw({"inputs": ["a\x00b\x01c\x1b[31m\x7f\u200b\ufeff"]}), {}, 200,
+     None),
+    ("only whitespace", "/v1/embed", _raw({"inputs": [" \t\n\r\u3000 "]}), {}, 200, None),
+    ("empty string", "/v1/classify", _raw({"inputs": [""]}), {}, 200, None),
+    ("lone surrogate", "/v1/embed", b'{"inputs": ["ok", "bad \\ud800 text"]}', {}, 422, "inputs.1"),
+    ("empty list", "/v1/embed", _raw({"inputs": []}), {}, 422, "inputs"),
+    ("too many inputs", "/v1/embed", _raw({"inputs": ["x"] * 65}), {}, 422, "limit of 64"),
+    ("too many characters", "/v1/classify", _raw({"inputs": ["ok", "x" * 5001]}), {}, 422, "inputs.1"),
+    ("too many tokens, error policy", "/v1/embed", _raw({"inputs": ["ok", LONG], "truncation": "error"}), {}, 422,
+     "inputs.1"),
+    ("bad truncation policy", "/v1/embed", _raw({"inputs": ["ok"], "truncation": "cut"}), {}, 422, "truncation"),
+    ("body over the byte limit", "/v1/embed", _raw({"inputs": ["x" * 4000] * 80}), {}, 413, "300000 bytes"),
+    ("deeply nested JSON", "/v1/embed", b'{"inputs": ' + b"[" * 100_000 + b"]" * 100_000 + b"}", {}, 400, None),
+    ("invalid JSON", "/v1/embed", b'{"inputs": ["x"', {}, 422, "JSON"),
+    ("JSON that is a list", "/v1/embed", b'["x"]', {}, 422, "body"),
+    ("null inputs", "/v1/embed", b'{"inputs": null}', {}, 422, "inputs"),
+    ("wrong content type", "/v1/embed", b"inputs=x", {"Content-Type": "application/x-www-form-urlencoded"}, 415,
+     "application/json"),
+    ("text/plain", "/v1/classify", _raw({"inputs": ["x"]}), {"Content-Type": "text/plain"}, 415, "application/json"),
+    ("huge integer", "/v1/classify", b'{"inputs": ["x"], "top_k": 1' + b"0" * 400 + b"}", {}, 422, "top_k"),
+    ("integer past Python's digit limit", "/v1/classify", b'{"inputs": ["x"], "top_k": 1' + b"0" * 5000 + b"}", {},
+     400, None),
+    ("float where an int goes", "/v1/classify", b'{"inputs": ["x"], "top_k": 1e308}', {}, 422, "top_k"),
+    ("NaN", "/v1/classify", b'{"inputs": ["x"], "top_k": NaN}', {}, 422, "top_k"),
+    ("unknown field", "/v1/embed", _raw({"inputs": ["x"], "colour": "red"}), {}, 422, "colour"),
+    ("unknown model with NUL", "/v1/embed", _raw({"model": "a\x00b", "inputs": ["x"]}), {}, 404, "available: minilm"),
+    ("bad timeout header", "/v1/embed", _raw({"inputs": ["x"]}), {"X-Request-Timeout": "soon"}, 422,
+     "X-Request-Timeout"),
+    ("unavailable variant", "/v1/embed", _raw({"inputs": ["x"], "variant": "broken"}), {}, 503,
+     "working variants: fp32, int8"),
+]
+
+
+@pytest.mark.parametrize("case, path, body, headers, status, needle", HOSTILE, ids=[h[0] for h in HOSTILE])
+def test_hostile_input_gets_its_status_and_a_json_error_naming_the_field(hostile_server, case, path, body, headers,
+                                                                         status, needle):
+    base, _ = hostile_server
+    r = httpx.post(f"{base}{path}", content=body, headers={**J, **headers}, timeout=60)
+    assert r.status_code == status, (case, r.text[:500])
+    assert r.headers["X-Request-ID"]
+    if status == 200:
+        results = r.json()["results"]
+        assert results and all(("embedding" in x and all(map(_finite, x["embedding"]))) or x.get("labels")
+                               for x in results)
+        return
+    err = r.json()["error"]
+    assert err["type"] and err["message"] and "\n" not in err["message"]
+    assert err["request_id"] == r.headers["X-Request-ID"]
+    if needle:
+        assert needle in err["message"] or any(needle in f["field"] for f in err.get("fields") or []), err
+
+
+def _finite(x: float) -> bool:
+    return x == x and abs(x) < 1e6
+
+
+def test_the_service_is_healthy_after_the_hostile_inputs(hostile_server):
+    base, _ = hostile_server
+    assert httpx.get(f"{base}/readyz").status_code == 200
+    r = httpx.post(f"{base}/v1/embed", json={"inputs": ["still fine"]})
+    assert r.status_code == 200 and len(r.json()["results"][0]["embedding"]) == 384
+
+
+def test_routing_misses_get_the_uniform_error_body(hostile_server):
+    base, _ = hostile_server
+    for r, status in ((httpx.get(f"{base}/v1/embed"), 405), (httpx.post(f"{base}/v2/nothing", json={}), 404),
+                      (httpx.get(f"{base}/v1/models/nope"), 404)):
+        assert r.status_code == status and r.json()["error"]["request_id"] == r.headers["X-Request-ID"]
+
+
+def test_long_inputs_are_truncated_by_default_and_reported(hostile_server):
+    base, app = hostile_server
+    r = httpx.post(f"{base}/v1/embed", json={"inputs": ["short", LONG], "variant": "fp32"})
+    assert r.status_code == 200 and r.json()["usage"]["truncated"] == [1]
+    served = app.state.registry.models["minilm"]
+    items = served.adapter.tokenize(["short", LONG])
+    assert [len(i) for i in items][1] == 64  # cut to the model's limit, [SEP] kept
+    assert items[1][-1] == served.task_model.tokenizer.sep_token_id
+
+
+def test_limits_are_discoverable_in_v1_models(hostile_server):
+    base, _ = hostile_server
+    limits = httpx.get(f"{base}/v1/models").json()["limits"]
+    assert limits["max_inputs"] == 64 and limits["max_chars"] == 5000 and limits["max_body_bytes"] == 300000
+    assert limits["max_queue"] == 64 and limits["max_input_tokens"] == {"minilm": 64, "intent": 256}
+    assert limits["truncation"] == "truncate" and limits["request_timeout_s"] == 60
+
+
+def test_a_variant_that_failed_to_build_is_reported_and_refused_while_the_rest_serve(hostile_server):
+    base, _ = hostile_server
+    model = httpx.get(f"{base}/v1/models/minilm").json()
+    assert [v["name"] for v in model["variants"]] == ["fp32", "int8"]
+    assert model["unavailable"][0]["name"] == "broken" and "manifest" in model["unavailable"][0]["error"]
+    ready = httpx.get(f"{base}/readyz")
+    assert ready.status_code == 200 and "broken" in ready.json()["unavailable"]["minilm"]
+    assert httpx.post(f"{base}/v1/embed", json={"inputs": ["x"]}).headers["X-Variant"] == "int8"
+    compare = httpx.post(f"{base}/v1/compare", json={"model": "minilm", "inputs": ["x"]}).json()
+    assert [v["variant"] for v in compare["variants"]] == ["fp32", "int8"]
+
+
+def test_a_variant_that_fails_to_build_stops_start_up_by_default(tmp_path):
+    path = tmp_path / "m.yaml"
+    path.write_text(f"models:\n - {{name: m, task: embed, source: minilm, variants: [{{name: fp32, strategy: fp32}}, "
+                    f"{{name: int8, strategy: dynamic-int8, artifact: {tmp_path}/nothing-here}}]}}\n")
+    (tmp_path / "nothing-here").mkdir()
+    (tmp_path / "nothing-here" / "manifest.json").write_text("[]")
+    with pytest.raises(StartupError) as err:
+        Registry(load_settings(path, probe_texts=4), Metrics()).build()
+    assert "model 'm' variant 'int8'" in str(err.value) and "\n" not in str(err.value)
+
+
+def test_request_ids_are_echoed_or_made_and_name_every_log_line_about_the_request(hostile_server):
+    base, app = hostile_server
+    records: list[logging.LogRecord] = []
+    handler = logging.Handler()
+    handler.addFilter(RequestIdFilter())
+    handler.emit = records.append
+    logging.getLogger().addHandler(handler)
+    service_logger = logging.getLogger("service")
+    level = service_logger.level
+    service_logger.setLevel(logging.INFO)
+    served = app.state.registry.models["minilm"]
+    batcher = served.variants["fp32"].batcher
+    real = batcher._run_batch
+    poison = served.adapter.tokenize(["poison pill"])[0]
+
+    def fail_on_poison(items):  # a fault inside one batch: the model call raises
+        if poison in items:
+            raise RuntimeError("injected fault")
+        return real(items)
+
+    batcher._run_batch = fail_on_poison
+    try:
+        ok = httpx.post(f"{base}/v1/embed", json={"inputs": ["x"]}, headers={"X-Request-ID": "client-id-42"})
+        made = httpx.post(f"{base}/v1/embed", json={"inputs": ["x"]}, headers={"X-Request-ID": "bad id\twith tab"})
+        failed = httpx.post(f"{base}/v1/embed", json={"inputs": ["poison pill"], "variant": "fp32"},
+                            headers={"X-Request-ID": "doomed-7"})
+        after = httpx.post(f"{base}/v1/embed", json={"inputs": ["poison", "pill"], "variant": "fp32"})
+    finally:
+        batcher._run_batch = real
+        logging.getLogger().removeHandler(handler)
+        service_logger.setLevel(level)
+    assert ok.headers["X-Request-ID"] == "client-id-42"
+    assert len(made.headers["X-Request-ID"]) == 32 and made.headers["X-Request-ID"] != "bad id\twith tab"
+    # the fault fails only its own batch, with a 500 naming the request; the worker keeps serving
+    assert failed.status_code == 500 and failed.json()["error"]["request_id"] == "doomed-7"
+    assert after.status_code == 200
+    about_doomed = [r for r in records if r.request_id == "doomed-7"]
+    assert any("event=batch_failed" in r.getMessage() for r in about_doomed)
+    assert any("event=request" in r.getMessage() and "status=500" in r.getMessage() for r in about_doomed)
+    assert any("requests=doomed-7" in r.getMessage() for r in records)  # the batcher's line names it too
+    assert any(r.request_id == "client-id-42" and "event=request" in r.getMessage() for r in records)
+
+
+def _inputs_total(base: str, variant: str) -> float:
+    for fam in text_string_to_metric_families(httpx.get(f"{base}/metrics").text):
+        if fam.name == "quantserve_inputs":
+            for s in fam.samples:
+                if s.name == "quantserve_inputs_total" and s.labels["model"] == "minilm" and \
+                        s.labels["variant"] == variant:
+                    return s.value
+    raise AssertionError("no quantserve_inputs_total sample")
+
+
+def _busy(base: str, n: int = 64) -> threading.Thread:
+    """Occupy minilm/fp32's worker for a while: n long inputs."""
+    def run():
+        httpx.post(f"{base}/v1/embed", json={"inputs": [f"{i} {LONG}" for i in range(n)], "variant": "fp32"},
+                   timeout=120)
+    t = threading.Thread(target=run)
+    t.start()
+    return t
+
+
+def test_a_passed_deadline_answers_504_and_its_work_never_runs(hostile_server):
+    base, _ = hostile_server
+    before = _inputs_total(base, "fp32")
+    busy = _busy(base)
+    time.sleep(0.3)
+    r = httpx.post(f"{base}/v1/embed", json={"inputs": ["late one", "late two"], "variant": "fp32"},
+                   headers={"X-Request-Timeout": "0.2"}, timeout=30)
+    busy.join()
+    assert r.status_code == 504 and r.json()["error"]["type"] == "deadline_exceeded", r.text
+    assert _inputs_total(base, "fp32") - before == 64  # only the busy request's inputs reached the model
+
+
+def test_a_client_that_disconnects_has_its_queued_work_dropped(hostile_server):
+    base, _ = hostile_server
+    before = _inputs_total(base, "fp32")
+    busy = _busy(base)
+    time.sleep(0.3)
+    body = _raw({"inputs": ["gone one", "gone two", "gone three"], "variant": "fp32"})
+    port = int(base.rsplit(":", 1)[1])
+    with socket.create_connection(("127.0.0.1", port)) as s:
+        s.sendall(b"POST /v1/embed HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+                  b"Content-Length: %d\r\n\r\n%s" % (len(body), body))
+        time.sleep(0.3)  # queued behind the busy request
+    busy.join()
+    time.sleep(0.3)
+    assert _inputs_total(base, "fp32") - before == 64
+    families = text_string_to_metric_families(httpx.get(f"{base}/metrics").text)
+    gone = [s for f in families if f.name == "quantserve_requests" for s in f.samples
+            if s.labels.get("status") == "499" and s.labels["variant"] == "fp32"]
+    assert gone and gone[0].value >= 1
+
+
+def test_overload_gets_429_with_retry_after_never_a_timeout_and_answers_stay_correct(hostile_server):
+    base, app = hostile_server
+    served = app.state.registry.models["minilm"]
+    texts = [f"request number {i} asks about topic {i % 7}" for i in range(120)]
+    ref = torch.stack(served.adapter.run(served.variants["fp32"].module, served.adapter.tokenize(texts)))
+
+    async def one(client, i):
+        return i, await client.post("/v1/embed", json={"inputs": [texts[i]] * 8, "variant": "fp32"})
+
+    async def burst():
+        async with httpx.AsyncClient(base_url=base, timeout=120,
+                                     limits=httpx.Limits(max_connections=200)) as client:
+            return await asyncio.gather(*(one(client, i) for i in range(len(texts))))
+
+    results = asyncio.run(burst())
+    statuses = [r.status_code for _, r in results]
+    assert set(statuses) <= {200, 429} and statuses.count(429) > 0 and statuses.count(200) > 0, statuses
+    for i, r in results:
+        if r.status_code == 429:
+            assert int(r.headers["Retry-After"]) >= 1 and r.json()["error"]["type"] == "overloaded"
+        else:
+            got = torch.tensor([x["embedding"] for x in r.json()["results"]])
+            assert F.cosine_similarity(got, F.normalize(ref[i], dim=-1).expand_as(got)).min() > 0.9999
+    assert httpx.get(f"{base}/readyz").status_code == 200
+    assert httpx.post(f"{base}/v1/embed", json={"inputs": ["after the storm"]}).status_code == 200
+
+
+@pytest.fixture(scope="module")
+def keyed_server(tmp_path_factory):
+    root = tmp_path_factory.mktemp("keyed")
+    (root / "keys").write_text("# one key a line\nfile-key-ABC\n")
+    (root / "m.yaml").write_text(
+        f"auth: {{api_keys_file: {root / 'keys'}}}\ncors: {{allow_origins: ['https://dash.example']}}\n"
+        "models:\n - {name: minilm, task: embed, source: minilm, variants: [{name: fp32, strategy: fp32}]}\n")
+    import os
+    os.environ["QUANTSERVE_AUTH__API_KEYS"] = "env-key-1,env-key-2"
+    try:
+        settings = load_settings(root / "m.yaml", probe_texts=4)
+    finally:
+        del os.environ["QUANTSERVE_AUTH__API_KEYS"]
+    with thread_server(create_app(settings)) as (base, _):
+        yield base, settings
+
+
+def test_api_keys_no_key_and_wrong_key_get_401_the_right_key_200(keyed_server):
+    base, settings = keyed_server
+    body = {"inputs": ["hello"]}
+    none = httpx.post(f"{base}/v1/embed", json=body)
+    wrong = httpx.post(f"{base}/v1/embed", json=body, headers={"Authorization": "Bearer env-key-3"})
+    basic = httpx.post(f"{base}/v1/embed", json=body, headers={"Authorization": "Basic env-key-1"})
+    assert (none.status_code, wrong.status_code, basic.status_code) == (401, 401, 401)
+    assert none.headers["WWW-Authenticate"].startswith("Bearer") and none.json()["error"]["type"] == "unauthorized"
+    for key in ("env-key-1", "env-key-2", "file-key-ABC"):
+        assert httpx.post(f"{base}/v1/embed", json=body, headers={"Authorization": f"Bearer {key}"}).status_code == 200
+    for public in ("/livez", "/readyz", "/metrics"):
+        assert httpx.get(f"{base}{public}").status_code == 200
+    assert httpx.get(f"{base}/v1/models").status_code == 401
+    assert "env-key-1" not in repr(settings) and "env-key-1" not in settings.model_dump_json()
+
+
+def test_cors_is_off_by_default_and_answers_configured_origins(keyed_server, hostile_server):
+    base, _ = keyed_server
+    pre = httpx.options(f"{base}/v1/embed", headers={"Origin": "https://dash.example",
+                                                    "Access-Control-Request-Method": "POST",
+                                                    "Access-Control-Request-Headers": "authorization,content-type"})
+    assert pre.status_code == 200 and pre.headers["access-control-allow-origin"] == "https://dash.example"
+    other = httpx.get(f"{base}/livez", headers={"Origin": "https://evil.example"})
+    assert "access-control-allow-origin" not in other.headers
+    default = httpx.get(f"{hostile_server[0]}/livez", headers={"Origin": "https://dash.example"})
+    assert "access-control-allow-origin" not in default.headers
+
+
+def test_an_unreadable_key_file_stops_start_up_with_one_sentence(tmp_path):
+    path = tmp_path / "m.yaml"
+    path.write_text(f"auth: {{api_keys_file: {tmp_path}/missing}}\nmodels:\n - {{name: m, task: embed, "
+                    "source: minilm, variants: [{name: fp32, strategy: fp32}]}\n")
+    with pytest.raises(ConfigError, match="api_keys_file .* cannot be read"):
+        load_settings(path)
