@@ -34,7 +34,8 @@ Truncation = Annotated[Literal["truncate", "error"] | None, Field(
 
 
 class _Request(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+    # strict: the types the schema states, no coercion (0 is not false, "3" is not 3)
+    model_config = ConfigDict(extra="forbid", strict=True)
 
 
 class Usage(BaseModel):
@@ -117,7 +118,7 @@ class CompareResponse(BaseModel):
 
 
 class OpenAIEmbeddingsRequest(BaseModel):
-    model_config = ConfigDict(extra="ignore")  # clients send fields (user, ...) that change nothing here
+    model_config = ConfigDict(extra="ignore", strict=True)  # clients send fields (user, ...) that change nothing here
 
     input: Text | Inputs
     model: str

@@ -14,7 +14,7 @@ from ..schemas import (ClassifyRequest, ClassifyResponse, CompareRequest, Compar
 from ..serving import as_results
 from .deps import RequestKeyHeader, ServingDep, VariantHeader
 
-router = APIRouter(prefix="/v1", responses=error_responses(404, 413, 415, 422, 429, 504))
+router = APIRouter(prefix="/v1", responses=error_responses(400, 404, 413, 415, 422, 429, 504))
 
 
 @router.post("/embed", response_model=EmbedResponse, summary="Sentence embeddings from one variant")
