@@ -2,15 +2,19 @@
 
 from __future__ import annotations
 
-import argparse
-import sys
+from .memory import limit_malloc_arenas
 
-import uvicorn
+limit_malloc_arenas()  # before torch and the server start threads that allocate
 
-from .app import create_app
-from .config import ConfigError, load_settings
-from .logs import configure_logging
-from .shutdown import GracefulServer
+import argparse  # noqa: E402
+import sys  # noqa: E402
+
+import uvicorn  # noqa: E402
+
+from .app import create_app  # noqa: E402
+from .config import ConfigError, load_settings  # noqa: E402
+from .logs import configure_logging  # noqa: E402
+from .shutdown import GracefulServer  # noqa: E402
 
 
 def main(argv: list[str] | None = None) -> int:
