@@ -323,3 +323,29 @@ def test_an_unreadable_key_file_stops_start_up_with_one_sentence(tmp_path):
                     "source: minilm, variants: [{name: fp32, strategy: fp32}]}\n")
     with pytest.raises(ConfigError, match="api_keys_file .* cannot be read"):
         load_settings(path)
+
+
+def test_json_logs_carry_the_request_id_and_keep_one_event_a_line():
+    import io
+
+    from service.context import RequestContext, activate, deactivate
+    from service.logs import configure_logging
+
+    root = logging.getLogger()
+    saved = (list(root.handlers), root.level)
+    stream = io.StringIO()
+    try:
+        configure_logging("info", "json", stream=stream)
+        token = activate(RequestContext("req-9", time.monotonic() + 1))
+        try:
+            logging.getLogger("service.test").warning("event=thing detail=%s", "multi\nline")
+        finally:
+            deactivate(token)
+        logging.getLogger("service.test").warning("event=outside")
+    finally:
+        root.handlers[:] = saved[0]
+        root.setLevel(saved[1])
+    lines = stream.getvalue().strip().splitlines()
+    first, second = json.loads(lines[0]), json.loads(lines[1])
+    assert len(lines) == 2 and first["request_id"] == "req-9" and first["message"] == "event=thing detail=multi\nline"
+    assert second["request_id"] == "-" and first["level"] == "WARNING" and first["logger"] == "service.test"

@@ -81,4 +81,6 @@ def test_sigterm_mid_burst_finishes_every_accepted_request_and_exits_0(tmp_path)
         else:
             assert isinstance(r, httpx.ConnectError), repr(r)
     assert "event=draining" in log and "event=drained inflight=0" in log
+    assert any("event=request" in line and "request_id=" in line and "request_id=-" not in line
+               for line in log.splitlines())
     assert "Traceback" not in log
