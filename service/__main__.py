@@ -44,7 +44,7 @@ def main(argv: list[str] | None = None) -> int:
     app = create_app(settings, on_startup_failure=stop)
     # log_config=None: keep our handler; access lines come from the request middleware, with the request id
     config = uvicorn.Config(app, host=settings.host, port=settings.port, log_config=None, access_log=False,
-                            timeout_graceful_shutdown=settings.grace_period_s)
+                            timeout_graceful_shutdown=settings.grace_period_s, timeout_keep_alive=settings.keep_alive_s)
     server = GracefulServer(config, app.state.lifecycle, settings.grace_period_s)
     server.run()
     if failure:

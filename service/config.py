@@ -182,6 +182,8 @@ class Settings(BaseSettings):
     limits: LimitsConfig = Field(default_factory=LimitsConfig)
     auth: AuthConfig = Field(default_factory=AuthConfig)
     cors: CorsConfig = Field(default_factory=CorsConfig)
+    keep_alive_s: float = Field(75.0, gt=0, le=3600, description="idle keep-alive connections are closed after "
+                                "this; keep it above the idle timeout of clients and load balancers in front")
     grace_period_s: float = Field(30.0, ge=0, le=3600, description="after SIGTERM: time for accepted requests to "
                                                                     "finish before the process exits")
     on_variant_failure: Literal["stop", "mark_unavailable"] = Field(
