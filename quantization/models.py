@@ -111,6 +111,9 @@ class TaskModel:
     labels: list[str] | None = None
     max_length: int = DEFAULT_MAX_LENGTH
     info: dict[str, Any] = field(default_factory=dict)
+    # texts in the model's own input language, where the built-in English sets do not fit
+    calibration: list[str] | None = None
+    probes: list[str] | None = None
 
     # -- inputs ---------------------------------------------------------------------------------
     def encode(self, texts: list[str], max_length: int | None = None) -> dict[str, torch.Tensor]:
