@@ -9,7 +9,7 @@ from typing import Callable
 
 from fastapi import FastAPI
 
-from .api import health, inference, models
+from .api import health, inference, models, translate
 from .config import Settings
 from .errors import install_error_handlers
 from .metrics import Metrics
@@ -61,6 +61,6 @@ def create_app(settings: Settings, on_startup_failure: Callable[[str], None] | N
                               "memory and fidelity against FP32.")
     app.state.settings, app.state.metrics, app.state.registry, app.state.serving = settings, metrics, registry, serving
     install_error_handlers(app)
-    for router in (inference.router, models.router, health.router):
+    for router in (inference.router, translate.router, models.router, health.router):
         app.include_router(router)
     return app

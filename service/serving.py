@@ -13,7 +13,7 @@ import torch
 from .batching import BatchResult, QueueFull
 from .errors import InferenceFailed, NotReady, Overloaded, ServiceError
 from .registry import Registry, ServedModel, Variant
-from .tasks import TaskAdapter
+from .tasks import SHADOW_METRIC, TaskAdapter
 
 log = logging.getLogger("service.serving")
 
@@ -42,12 +42,13 @@ class Serving:
         return served, served.variants[served.router.choose(pinned, request_key)]
 
     async def infer(self, served: ServedModel, variant: Variant, texts: list[str], endpoint: str,
-                    shadow: bool = True) -> Served:
+                    shadow: bool = True, options: dict[str, Any] | None = None) -> Served:
+        """``options``: task-specific tokenize options (translate: beam_size, max_new_tokens)."""
         labels = (served.name, served.config.task, variant.name)
         start = time.perf_counter()
         status = "200"
         try:
-            items = served.adapter.tokenize(texts)
+            items = served.adapter.tokenize(texts, **(options or {}))
             try:
                 batch = await variant.batcher.submit(items)
             except QueueFull as exc:
@@ -97,7 +98,7 @@ class Serving:
         for r, o in zip(ref, out):
             subject.shadow["n"] += 1
             subject.shadow["sum"] += TaskAdapter.per_input_agreement(task, r, o)
-        metric = "top1_agreement" if task == "classify" else "mean_cosine"
+        metric = SHADOW_METRIC[task]
         self.metrics.fidelity.labels(*labels, metric, "shadow").set(subject.shadow["sum"] / subject.shadow["n"])
         self.metrics.shadow_comparisons.labels(*labels).inc(len(ref))
 
@@ -110,4 +111,6 @@ def as_results(adapter: TaskAdapter, outputs: list[torch.Tensor], *, normalize: 
                top_k: int = 1) -> list[dict[str, Any]]:
     if adapter.task == "classify":
         return [{"index": i, "labels": adapter.labels(o, top_k)} for i, o in enumerate(outputs)]
+    if adapter.task == "translate":
+        return [adapter.result(i, o) for i, o in enumerate(outputs)]
     return [{"index": i, "embedding": adapter.embedding(o, normalize)} for i, o in enumerate(outputs)]

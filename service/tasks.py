@@ -15,6 +15,9 @@ import torch.nn.functional as F
 from quantization.fidelity import fidelity
 from quantization.models import TaskModel
 
+# the per-input agreement that shadow traffic averages, by task
+SHADOW_METRIC = {"embed": "mean_cosine", "classify": "top1_agreement", "translate": "chrf"}
+
 
 class TaskAdapter:
     def __init__(self, tm: TaskModel, max_tokens: int) -> None:
@@ -66,7 +69,11 @@ class TaskAdapter:
         return fidelity(self.task, ref, out)
 
     @staticmethod
-    def per_input_agreement(task: str, reference: torch.Tensor, output: torch.Tensor) -> float:
+    def per_input_agreement(task: str, reference: Any, output: Any) -> float:
+        if task == "translate":
+            from .translation import sentence_chrf
+
+            return sentence_chrf(reference.text, output.text)
         if task == "classify":
             return float(reference.argmax() == output.argmax())
         return float(F.cosine_similarity(reference, output, dim=0))
