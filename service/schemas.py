@@ -169,3 +169,55 @@ def error_responses(*statuses: int) -> dict[int | str, dict[str, Any]]:
 
 # Any route may answer these: a missing key (when keys are set), a bug, shutting down or not ready.
 COMMON_ERRORS = error_responses(401, 500, 503)
+
+
+# -- translate ------------------------------------------------------------------------------------
+MAX_TRANSLATE_INPUTS = 64
+MAX_TRANSLATE_CHARS = 4_000
+Lang = Annotated[str, StringConstraints(pattern=r"^[a-z]{2,3}$")]
+
+
+def _not_blank(text: str) -> str:
+    if not text.strip():
+        raise ValueError("must contain text, not only whitespace")
+    return text
+
+
+TranslateText = Annotated[str, StringConstraints(min_length=1, max_length=MAX_TRANSLATE_CHARS),
+                          AfterValidator(_not_blank)]
+
+
+class TranslateRequest(_Request):
+    model: str | None = Field(None, description="translation model, e.g. en-pt (default: chosen by the languages, "
+                                                "else the first configured)")
+    inputs: Annotated[list[TranslateText], Field(
+        min_length=1, max_length=MAX_TRANSLATE_INPUTS,
+        description=f"1 to {MAX_TRANSLATE_INPUTS} non-blank texts of at most {MAX_TRANSLATE_CHARS} characters; "
+                    "texts longer than the model's max_input_tokens are truncated (the result says so)")]
+    source_lang: Lang | None = Field(None, description="e.g. en")
+    target_lang: Lang | None = Field(None, description="e.g. pt")
+    variant: str | None = Field(None, description="pin a variant (also: X-Variant header)")
+    beam_size: int | None = Field(None, ge=1, le=8, description="beam width (default: the model's, 1 for Bergamot)")
+    max_new_tokens: int | None = Field(None, ge=1, le=512, description="cap on generated tokens per input; output "
+                                                                        "is also capped at 2.5 x the input's tokens")
+    truncation: Truncation
+
+
+class TranslateResult(BaseModel):
+    index: int
+    translation: str
+    generated_tokens: int = Field(description="target tokens generated (without the end-of-sentence token)")
+    truncated: bool = Field(description="the input was longer than max_input_tokens and was cut")
+
+
+class TranslateUsage(Usage):
+    generated_tokens: int
+
+
+class TranslateResponse(Timing):
+    model: str
+    variant: str
+    source_lang: str | None
+    target_lang: str | None
+    results: list[TranslateResult]
+    usage: TranslateUsage

@@ -16,7 +16,7 @@ from .batching import BatcherClosed, BatchResult, QueueFull
 from .errors import (DeadlineExceeded, InferenceFailed, InvalidInput, NotReady, Overloaded, ServiceError,
                      ShuttingDown)
 from .registry import Registry, ServedModel, Variant
-from .tasks import TaskAdapter
+from .tasks import SHADOW_METRIC, TaskAdapter
 
 log = logging.getLogger("service.serving")
 
@@ -65,14 +65,19 @@ class Serving:
                                                                    f"at most {limits.max_chars} characters"}])
 
     async def infer(self, served: ServedModel, variant: Variant, texts: list[str], endpoint: str,
-                    shadow: bool = True, truncation: str | None = None, field: str = "inputs") -> Served:
-        """Tokenize, queue on the variant's batcher and wait, within the request's deadline, for the outputs."""
+                    shadow: bool = True, truncation: str | None = None, field: str = "inputs",
+                    options: dict[str, Any] | None = None) -> Served:
+        """Tokenize, queue on the variant's batcher and wait, within the request's deadline, for the outputs.
+
+        ``options``: task-specific tokenize options (translate: beam_size, max_new_tokens).
+        """
         labels = (served.name, served.config.task, variant.name)
         start = time.perf_counter()
         status = "200"
         try:
             self.check_limits(texts, field)
-            encoded = served.adapter.encode(texts, truncation or self.registry.settings.limits.truncation, field)
+            encoded = served.adapter.encode(texts, truncation or self.registry.settings.limits.truncation, field,
+                                            **(options or {}))
             batch = await self._submit(served, variant, encoded.items)
         except ServiceError as exc:
             status = str(exc.status)
@@ -159,7 +164,7 @@ class Serving:
         for r, o in zip(ref, out):
             subject.shadow["n"] += 1
             subject.shadow["sum"] += TaskAdapter.per_input_agreement(task, r, o)
-        metric = "top1_agreement" if task == "classify" else "mean_cosine"
+        metric = SHADOW_METRIC[task]
         self.metrics.fidelity.labels(*labels, metric, "shadow").set(subject.shadow["sum"] / subject.shadow["n"])
         self.metrics.shadow_comparisons.labels(*labels).inc(len(ref))
 
@@ -172,4 +177,6 @@ def as_results(adapter: TaskAdapter, outputs: list[torch.Tensor], *, normalize: 
                top_k: int = 1) -> list[dict[str, Any]]:
     if adapter.task == "classify":
         return [{"index": i, "labels": adapter.labels(o, top_k)} for i, o in enumerate(outputs)]
+    if adapter.task == "translate":
+        return [adapter.result(i, o) for i, o in enumerate(outputs)]
     return [{"index": i, "embedding": adapter.embedding(o, normalize)} for i, o in enumerate(outputs)]

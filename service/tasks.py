@@ -18,10 +18,13 @@ from quantization.models import TaskModel
 
 from .errors import InvalidInput
 
+# the per-input agreement that shadow traffic averages, by task
+SHADOW_METRIC = {"embed": "mean_cosine", "classify": "top1_agreement", "translate": "chrf"}
+
 
 @dataclass
 class Encoded:
-    items: list[list[int]]  # token ids per input
+    items: list[Any]  # per input: token ids (or a task's item carrying them)
     truncated: list[int]  # indices of the inputs that were cut to the limit
 
 
@@ -33,11 +36,11 @@ class TaskAdapter:
         tok = tm.tokenizer
         self.pad_id = tok.pad_token_id if tok.pad_token_id is not None else 0
 
-    def tokenize(self, texts: list[str]) -> list[list[int]]:
-        return self.encode(texts).items
+    def tokenize(self, texts: list[str], **options: Any) -> list[Any]:
+        return self.encode(texts, **options).items
 
-    def encode(self, texts: list[str], truncation: str = "truncate", field: str = "inputs") -> "Encoded":
-        """Token ids per text. Over ``max_tokens``: cut (and reported) or refused, as ``truncation`` says."""
+    def encode(self, texts: list[str], truncation: str = "truncate", field: str = "inputs", **options: Any) -> Encoded:
+        """Batcher items per text. Over ``max_tokens``: cut (and reported) or refused, as ``truncation`` says."""
         # one token over the limit is enough to tell "too long" without tokenizing a huge text in full twice
         ids = self.tm.tokenizer(list(texts), truncation=True, max_length=self.max_tokens + 1)["input_ids"]
         over = [i for i, x in enumerate(ids) if len(x) > self.max_tokens]
@@ -51,7 +54,11 @@ class TaskAdapter:
             cut = self.tm.tokenizer([texts[i] for i in over], truncation=True, max_length=self.max_tokens)["input_ids"]
             for i, x in zip(over, cut):
                 ids[i] = x
-        return Encoded([list(x) for x in ids], over)
+        return Encoded(self.items(texts, [list(x) for x in ids], set(over), **options), over)
+
+    def items(self, texts: list[str], ids: list[list[int]], truncated: set[int]) -> list[Any]:
+        """What travels through the batcher: here the token ids themselves."""
+        return ids
 
     def collate(self, items: list[list[int]]) -> dict[str, torch.Tensor]:
         longest = max(len(ids) for ids in items)
@@ -91,7 +98,11 @@ class TaskAdapter:
         return fidelity(self.task, ref, out)
 
     @staticmethod
-    def per_input_agreement(task: str, reference: torch.Tensor, output: torch.Tensor) -> float:
+    def per_input_agreement(task: str, reference: Any, output: Any) -> float:
+        if task == "translate":
+            from .translation import sentence_chrf
+
+            return sentence_chrf(reference.text, output.text)
         if task == "classify":
             return float(reference.argmax() == output.argmax())
         return float(F.cosine_similarity(reference, output, dim=0))

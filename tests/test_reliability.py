@@ -203,21 +203,30 @@ def _inputs_total(base: str, variant: str) -> float:
     raise AssertionError("no quantserve_inputs_total sample")
 
 
-def _busy(base: str, n: int = 64) -> threading.Thread:
-    """Occupy minilm/fp32's worker for a while: n long inputs."""
+def _busy(base: str, app, n: int = 64) -> threading.Thread:
+    """Occupy minilm/fp32's worker: n long inputs, in batches of 16; returns once the rest is queued."""
+    batcher = app.state.registry.models["minilm"].variants["fp32"].batcher
+
     def run():
         httpx.post(f"{base}/v1/embed", json={"inputs": [f"{i} {LONG}" for i in range(n)], "variant": "fp32"},
                    timeout=120)
     t = threading.Thread(target=run)
     t.start()
+    _wait(lambda: batcher.queued_items > 0)
     return t
 
 
+def _wait(condition, timeout: float = 30.0) -> None:
+    deadline = time.monotonic() + timeout
+    while not condition():
+        assert time.monotonic() < deadline, "condition not reached"
+        time.sleep(0.01)
+
+
 def test_a_passed_deadline_answers_504_and_its_work_never_runs(hostile_server):
-    base, _ = hostile_server
+    base, app = hostile_server
     before = _inputs_total(base, "fp32")
-    busy = _busy(base)
-    time.sleep(0.3)
+    busy = _busy(base, app)
     r = httpx.post(f"{base}/v1/embed", json={"inputs": ["late one", "late two"], "variant": "fp32"},
                    headers={"X-Request-Timeout": "0.2"}, timeout=30)
     busy.join()
@@ -226,16 +235,16 @@ def test_a_passed_deadline_answers_504_and_its_work_never_runs(hostile_server):
 
 
 def test_a_client_that_disconnects_has_its_queued_work_dropped(hostile_server):
-    base, _ = hostile_server
+    base, app = hostile_server
+    batcher = app.state.registry.models["minilm"].variants["fp32"].batcher
     before = _inputs_total(base, "fp32")
-    busy = _busy(base)
-    time.sleep(0.3)
+    busy = _busy(base, app)
     body = _raw({"inputs": ["gone one", "gone two", "gone three"], "variant": "fp32"})
     port = int(base.rsplit(":", 1)[1])
     with socket.create_connection(("127.0.0.1", port)) as s:
         s.sendall(b"POST /v1/embed HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
                   b"Content-Length: %d\r\n\r\n%s" % (len(body), body))
-        time.sleep(0.3)  # queued behind the busy request
+        _wait(lambda: any(len(r.items) == 3 for r in list(batcher._queue)))  # queued behind the busy one
     busy.join()
     time.sleep(0.3)
     assert _inputs_total(base, "fp32") - before == 64

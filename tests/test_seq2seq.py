@@ -80,3 +80,16 @@ def test_fidelity_discriminates_a_crude_variant(copier):
     f_crude = fidelity("seq2seq", ref, tm.run(crude.module, texts))
     f_good = fidelity("seq2seq", ref, tm.run(good.module, texts))
     assert f_good["chrf"] > f_crude["chrf"] and f_good["identical"] >= f_crude["identical"]
+
+
+def test_a_transformers_model_translates_through_the_service_task_code(copier):
+    from service.translation import TranslationAdapter
+
+    tm, texts, ref = copier
+    adapter = TranslationAdapter(tm, max_tokens=64)
+    items = adapter.tokenize(texts[:8])
+    assert [t.text for t in adapter.run(tm.module, items)] == ref[:8]  # the same outputs as the library's run
+    qm = quantize_model(tm, "dynamic-int8", calibration=texts[:16])
+    assert adapter.agreement(adapter.run(tm.module, items), adapter.run(qm.module, items))["chrf"] >= 80
+    capped = adapter.run(tm.module, adapter.tokenize(texts[:8], beam_size=2, max_new_tokens=3))
+    assert all(0 < t.generated_tokens <= 3 for t in capped)

@@ -35,7 +35,7 @@ def test_health_and_readiness(server):
     base, _, saw_not_ready = server
     assert httpx.get(f"{base}/livez").json() == {"status": "alive"}
     ready = httpx.get(f"{base}/readyz").json()
-    assert ready["ready"] is True and set(ready["models"]) == {"minilm", "intent"}
+    assert ready["ready"] is True and set(ready["models"]) == {"minilm", "intent", "en-pt", "pt-en"}
     assert saw_not_ready  # /readyz said 503 while the models were being built
 
 
@@ -108,7 +108,7 @@ def test_models_endpoint_shows_variants_with_sizes_fidelity_and_live_latency(ser
     assert v["int8"]["weight_bytes"] < v["fp32"]["weight_bytes"]
     assert v["int8"]["startup_fidelity"]["mean_cosine"] > 0.999
     assert v["int8"]["requests"] >= 1 and v["int8"]["latency_seconds"]["p50"] > 0
-    assert {m["name"] for m in httpx.get(f"{base}/v1/models").json()["models"]} == {"minilm", "intent"}
+    assert {m["name"] for m in httpx.get(f"{base}/v1/models").json()["models"]} == {"minilm", "intent", "en-pt", "pt-en"}
 
 
 def test_metrics_parse_and_hold_per_variant_histograms_from_start(server):
@@ -146,6 +146,12 @@ def test_64_concurrent_requests_each_get_their_own_answer_and_batching_changes_n
     count = {s.labels["variant"]: s.value for s in sizes if s.name.endswith("_count") and s.labels["model"] == "minilm"}
     total = {s.labels["variant"]: s.value for s in sizes if s.name.endswith("_sum") and s.labels["model"] == "minilm"}
     assert total["fp32"] / count["fp32"] > 1.5  # requests were really merged into batches
+
+
+def test_a_newcomers_curl_to_translate_on_the_default_config_returns_portuguese(server):
+    base, _, _ = server
+    r = httpx.post(f"{base}/v1/translate", json={"inputs": ["How are you today?"]}, timeout=60)
+    assert r.status_code == 200 and r.json()["results"][0]["translation"] == "Como você está hoje?"
 
 
 @pytest.mark.parametrize("path, body, status, needle", [

