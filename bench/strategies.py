@@ -2,6 +2,7 @@
 
     .venv/bin/python bench/strategies.py            # full run, rewrites its section of bench/RESULTS.md
     .venv/bin/python bench/strategies.py --quick    # fewer repetitions, prints only
+    .venv/bin/python bench/strategies.py --quick --strategies fp32 dynamic-int8 --check   # the CI guard
 
 Throughput (batch 32 x 128 tokens) and latency (batch 1 x 16 tokens) are medians over rounds in
 which every variant runs once in turn, so drift on a shared machine hits all variants alike; each
@@ -14,7 +15,6 @@ from __future__ import annotations
 import argparse
 import copy
 import json
-import platform
 import statistics
 import sys
 import time
@@ -36,6 +36,9 @@ from quantization.report import build_report, fidelity_cells, serialized_bytes  
 STRATEGIES = ["fp32", "bf16", "fp16", "dynamic-int8", "static-int8", "onnx-int8", "weight-only-int8",
               "weight-only-int4", "weight-sharing"]
 STOCK = "torch quantize_dynamic (reference)"
+# --check: the default INT8 variant must stay this faithful and this much faster than FP32, in the same run
+GUARDED = "dynamic-int8"
+GUARD = {"mean_cosine": 0.995, "min_cosine": 0.98, "top1_agreement": 0.98, "throughput_x": 1.5}
 
 
 def fixed_batch(tm, texts: list[str], batch: int, tokens: int) -> dict[str, torch.Tensor]:
@@ -116,7 +119,11 @@ def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--quick", action="store_true", help="fewer rounds and texts; prints, does not write RESULTS.md")
     ap.add_argument("--strategies", nargs="*", default=STRATEGIES)
+    ap.add_argument("--check", action="store_true",
+                    help=f"exit 1 if {GUARDED} falls below {GUARD} (fidelity, and throughput x FP32) in this run")
     args = ap.parse_args()
+    if args.check and not {"fp32", GUARDED} <= set(args.strategies):
+        ap.error(f"--check needs fp32 and {GUARDED} among --strategies")
     rounds_tp, rounds_lat = (2, 10) if args.quick else (7, 60)
     texts = eval_texts()[: 64 if args.quick else None]
     started = time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())
@@ -170,11 +177,24 @@ def main() -> int:
               "command": "bench/strategies.py" + (" --quick" if args.quick else "")}
     table = render(result)
     print(table)
+    if args.check:
+        failures = guard_failures(next(r for r in rows if r["variant"] == GUARDED))
+        for failure in failures:
+            print(f"GUARD FAILED: {failure}", file=sys.stderr)
+        if failures:
+            return 1
+        print(f"guard passed: {GUARDED} within {GUARD}", file=sys.stderr)
     if not args.quick:
         (ROOT / "bench" / "results").mkdir(exist_ok=True)
         (ROOT / "bench" / "results" / "strategies.json").write_text(json.dumps(result, indent=2, default=str) + "\n")
         write_section("strategies", table)
     return 0
+
+
+def guard_failures(row: dict) -> list[str]:
+    measured = {**row["embed"], **row["intent"], "throughput_x": row["throughput_x"]}
+    return [f"{GUARDED} {key} = {measured[key]:.4f}, below its bound {bound}" for key, bound in GUARD.items()
+            if measured[key] < bound]
 
 
 def _torch_save_bytes(module: nn.Module) -> bytes:

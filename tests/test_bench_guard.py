@@ -1,0 +1,18 @@
+"""The CI guard of the benchmark: the default INT8 variant stays faithful and >= 1.5x FP32 in one run."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+
+import pytest
+
+from bench.live import ROOT
+
+
+@pytest.mark.slow
+def test_quick_benchmark_guard_passes_for_the_default_int8_variant():
+    r = subprocess.run([sys.executable, "bench/strategies.py", "--quick", "--strategies", "fp32", "dynamic-int8",
+                        "--check"], cwd=ROOT, capture_output=True, text=True, timeout=900)
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+    assert "guard passed: dynamic-int8" in r.stderr
