@@ -9,7 +9,7 @@ from typing import Callable
 
 from fastapi import FastAPI
 
-from .api import health, inference, models
+from .api import dashboard, health, inference, models
 from .config import Settings
 from .errors import install_error_handlers
 from .metrics import Metrics
@@ -63,4 +63,5 @@ def create_app(settings: Settings, on_startup_failure: Callable[[str], None] | N
     install_error_handlers(app)
     for router in (inference.router, models.router, health.router):
         app.include_router(router)
+    app.include_router(dashboard.router)
     return app
