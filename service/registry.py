@@ -188,7 +188,8 @@ class Registry:
                 qm = quantize_model(tm, vc.strategy, vc.params)
             except QuantizationError as exc:
                 raise StartupError(f"model {mc.name!r} variant {vc.name!r} ({vc.strategy}): {exc}") from None
-            if directory is not None and not vc.artifact:
+            # an fp32 variant is the source model itself: saving it would only copy its weights
+            if directory is not None and not vc.artifact and vc.strategy != "fp32":
                 save_artifact(tm, qm, directory)
         # warm-up and fidelity in one pass; the untouched FP32 module already produced the reference
         outputs = reference if qm.module is tm.module else served.adapter.run(qm.module, probe_items)
