@@ -94,8 +94,12 @@ def test_image_runs_as_non_root_with_a_readiness_healthcheck_and_built_artifacts
 def test_container_answers_readyz_and_embed_then_stops_cleanly_within_its_grace_period(image):
     port, name = free_port(), f"quantserve-test-{uuid.uuid4().hex[:8]}"
     limit = deployment_memory_limit()
+    # as the Deployment runs it: its memory and CPU limits, a read-only root with only /tmp
+    # writable, every capability dropped, no privilege escalation
     podman("run", "-d", "--pull=never", "--init", "--network", "host", "--name", name, "--memory", limit,
-           "--cpus", "2", "-e", "QUANTSERVE_HOST=127.0.0.1", "-e", f"QUANTSERVE_PORT={port}", image)
+           "--cpus", "2", "--read-only", "--tmpfs", "/tmp:rw,size=256m", "--cap-drop", "ALL",
+           "--security-opt", "no-new-privileges", "-e", "QUANTSERVE_HOST=127.0.0.1", "-e", f"QUANTSERVE_PORT={port}",
+           image)
     base = f"http://127.0.0.1:{port}"
     try:
         deadline = time.monotonic() + 300

@@ -99,6 +99,15 @@ def test_chromium_shows_both_variants_live_and_compares_them_on_a_text(tmp_path)
             expect(page.locator('#compare-results [data-variant="fp32"] .outputs li').first).to_contain_text(
                 "connect_to_human")
             page.screenshot(path=str(tmp_path / "dashboard.png"), full_page=True)
+
+            page.select_option("#compare-model", "minilm")
+            page.fill("#compare-text", "A man is playing a guitar.")
+            page.click("#compare-send")
+            expect(page.locator('#compare-results [data-variant="int8"] .agreement')).to_have_text(
+                re.compile(r"^cosine 0\.99\d\d$"), timeout=20_000)
+            for variant in ("fp32", "int8"):
+                expect(page.locator(f'#compare-results [data-variant="{variant}"] .outputs')).to_contain_text(
+                    "384 dimensions, norm 1.000")
             browser.close()
         assert not foreign, f"the page reached outside the service: {foreign}"
         assert not errors, f"the page logged errors: {errors}"
