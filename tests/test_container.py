@@ -57,6 +57,16 @@ def test_dockerfile_passes_hadolint_at_error_level():
     assert out.returncode == 0 and "error" not in out.stdout.lower(), out.stdout + out.stderr
 
 
+def test_prebuild_refuses_a_bad_config_with_one_sentence(tmp_path):
+    bad = tmp_path / "models.yaml"
+    bad.write_text("models:\n  - {name: m, task: embed, source: minilm, variants: [{name: x, strategy: int3}]}\n")
+    out = subprocess.run([str(ROOT / ".venv" / "bin" / "python"), "-m", "service.prebuild", "--config", str(bad),
+                          "--artifacts-dir", str(tmp_path / "artifacts")], capture_output=True, text=True, timeout=300,
+                         cwd=ROOT)
+    assert out.returncode == 1 and "unknown strategy 'int3'" in out.stderr, out.stderr[-2000:]
+    assert not (tmp_path / "artifacts").exists()
+
+
 @pytest.fixture(scope="module")
 def image() -> str:
     require_tool("debootstrap")
