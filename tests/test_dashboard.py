@@ -85,6 +85,7 @@ def test_chromium_shows_both_variants_live_and_compares_them_on_a_text(tmp_path)
                 expect(card.locator(".throughput")).not_to_have_text("0.0 /s", timeout=20_000)
             stop.set()
             sender.join(30)
+            expect(page.locator("#process-memory")).to_have_text(re.compile(r"^process memory \d+\.\d MB · $"))
             assert page.locator(".uplot canvas").count() >= 4  # latency and throughput charts per model
 
             page.select_option("#compare-model", "intent")

@@ -107,8 +107,17 @@ function fillModelSelect(models) {
   select.replaceChildren(...models.map((m) => el("option", { value: m.name }, `${m.name} (${m.task})`)));
 }
 
+// The process's resident memory, live, from the Prometheus text at /metrics (all variants of
+// every model share this one process).
+async function refreshProcessMemory() {
+  const text = await (await fetch("/metrics", { cache: "no-store" })).text();
+  const match = text.match(/^process_resident_memory_bytes (\S+)$/m);
+  $("#process-memory").textContent = match ? `process memory ${fmt.mb(Number(match[1]))} · ` : "";
+}
+
 async function refresh() {
   const status = $("#status");
+  refreshProcessMemory().catch(() => { $("#process-memory").textContent = ""; });
   try {
     const resp = await fetch("/v1/models", { cache: "no-store" });
     const body = await resp.json();
@@ -117,10 +126,10 @@ async function refresh() {
     body.models.forEach((m) => { state.models[m.name] = m; renderModel(m, rates, now); });
     fillModelSelect(body.models);
     status.textContent = (body.ready ? "ready" : "loading models…") + " · updated " + new Date(now).toLocaleTimeString();
-    status.classList.toggle("down", !body.ready);
+    status.parentElement.classList.toggle("down", !body.ready);
   } catch (err) {
     status.textContent = "cannot reach the service: " + err;
-    status.classList.add("down");
+    status.parentElement.classList.add("down");
   }
 }
 
