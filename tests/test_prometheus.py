@@ -91,9 +91,13 @@ class Prometheus:
     def __init__(self, tmp: Path, target: str) -> None:
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
-        config = {"global": {"scrape_interval": "1s", "evaluation_interval": "1s"},
-                  "rule_files": [str(f) for f in RULE_FILES],
-                  "scrape_configs": [{"job_name": "quantserve", "static_configs": [{"targets": [target]}]}]}
+        # the shipped config, scraping every second, its static job pointed at the test's service
+        config = yaml.safe_load((PROM / "prometheus.yml").read_text())
+        config["global"] = {"scrape_interval": "1s", "evaluation_interval": "1s"}
+        config["rule_files"] = [str(PROM / f) for f in config["rule_files"]]
+        assert sorted(config["rule_files"]) == sorted(str(f) for f in RULE_FILES)
+        (job,) = [j for j in config["scrape_configs"] if "static_configs" in j]
+        job["static_configs"] = [{"targets": [target]}]
         (tmp / "prometheus.yml").write_text(yaml.safe_dump(config))
         self.log = (tmp / "prometheus.log").open("w")
         self.proc = subprocess.Popen([require_tool("prometheus"), f"--config.file={tmp / 'prometheus.yml'}",
