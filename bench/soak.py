@@ -19,7 +19,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-import argparse, asyncio, math, random, statistics, time  # noqa: E401,E402
+import argparse, asyncio, math, random, time  # noqa: E401,E402
 from dataclasses import dataclass, field  # noqa: E402
 from typing import Any  # noqa: E402
 

@@ -10,7 +10,7 @@ from typing import Callable
 from fastapi import FastAPI
 from fastapi.middleware.cors import CORSMiddleware
 
-from .api import health, inference, models, translate
+from .api import dashboard, health, inference, models, translate
 from .config import Settings
 from .errors import install_error_handlers
 from .metrics import Metrics
@@ -67,6 +67,7 @@ def create_app(settings: Settings, on_startup_failure: Callable[[str], None] | N
     install_error_handlers(app)
     for router in (inference.router, translate.router, models.router, health.router):
         app.include_router(router)
+    app.include_router(dashboard.router)
     # added innermost first: the request context wraps everything, so every answer carries its id
     app.add_middleware(BodyGuardMiddleware, max_body_bytes=settings.limits.max_body_bytes)
     keys = settings.auth.keys()

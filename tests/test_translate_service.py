@@ -3,15 +3,12 @@
 from __future__ import annotations
 
 import asyncio
-import socket
-import threading
-import time
 
 import httpx
 import pytest
-import uvicorn
 from prometheus_client.parser import text_string_to_metric_families
 
+from bench.live import thread_server
 from quantization.pipeline import translation_texts
 from service.app import create_app
 from service.config import load_settings
@@ -19,35 +16,13 @@ from service.translation import sentence_chrf
 
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.fixture(scope="module")
 def server():
-    port = free_port()
-    settings = load_settings(port=port, probe_texts=16)
+    settings = load_settings(probe_texts=16)
     settings.models = [m for m in settings.models if m.task == "translate"]  # the default config's, unchanged
     app = create_app(settings)
-    srv = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning"))
-    thread = threading.Thread(target=srv.run, daemon=True)
-    thread.start()
-    base = f"http://127.0.0.1:{port}"
-    deadline = time.monotonic() + 600
-    while time.monotonic() < deadline:
-        try:
-            if httpx.get(f"{base}/readyz", timeout=5).status_code == 200:
-                break
-        except httpx.TransportError:
-            pass
-        time.sleep(0.5)
-    else:
-        pytest.fail("the service did not become ready")
-    yield base, app
-    srv.should_exit = True
-    thread.join(60)
+    with thread_server(app) as (base, _):
+        yield base, app
 
 
 def post(base: str, body: dict, **kw) -> httpx.Response:

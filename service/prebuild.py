@@ -1,0 +1,39 @@
+"""python -m service.prebuild --artifacts-dir DIR [--config FILE]: build, save and check every variant, then exit.
+
+The container image runs this at build time, so a pod loads saved artifacts at start-up instead
+of calibrating and quantizing again; the same code path as the server's start-up (the registry)
+builds them, so what is saved is exactly what the server would have made.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+
+from .config import ConfigError, load_settings
+from .metrics import Metrics
+from .registry import Registry, StartupError
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(prog="python -m service.prebuild", description=__doc__)
+    ap.add_argument("--artifacts-dir", required=True, help="where to save the built variants")
+    ap.add_argument("--config", help="YAML file of models (default: the built-in config)")
+    args = ap.parse_args(argv)
+    logging.basicConfig(level="INFO", stream=sys.stderr, format="%(asctime)s level=%(levelname)s %(message)s")
+    try:
+        settings = load_settings(args.config, artifacts_dir=args.artifacts_dir)
+        registry = Registry(settings, Metrics())
+        registry.build()
+    except (ConfigError, StartupError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 1
+    for served in registry.models.values():
+        for v in served.variants.values():
+            print(f"{served.name}/{v.name}: {v.config.strategy} fidelity={v.fidelity}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
