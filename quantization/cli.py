@@ -247,7 +247,7 @@ def build_parser() -> argparse.ArgumentParser:
     f.add_argument("--out", help="model directory (default: models/sentiment, the built-in source `sentiment`)")
     f.add_argument("--qat", action="store_true", help="fine-tune the model in --out with fake int8 and save the "
                                                       "converted int8 model as its qat-int8 variant")
-    f.add_argument("--epochs", type=int, default=3)
+    f.add_argument("--epochs", type=int, default=2)
     f.add_argument("--batch-size", type=int, default=32)
     f.add_argument("--lr", type=float, help="encoder learning rate (default 5e-5; 1e-5 with --qat)")
     f.add_argument("--seed", type=int, default=0)

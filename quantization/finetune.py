@@ -40,7 +40,7 @@ CALIBRATION_FILE = "calibration.txt"
 
 @dataclass
 class TrainConfig:
-    epochs: int = 3
+    epochs: int = 2
     batch_size: int = 32
     lr: float = 5e-5
     head_lr: float = 1e-3
@@ -69,6 +69,20 @@ def _batches(tm: TaskModel, examples: list[Example], batch_size: int, max_length
         yield tm.encode([e.text for e in chunk], max_length), torch.tensor([e.label for e in chunk])
 
 
+def _length_bucketed(tm: TaskModel, examples: list[Example], cfg: TrainConfig, rng: random.Random):
+    """Shuffled batches of similar length: padding to a batch's longest snippet halves the work."""
+    order = list(examples)
+    rng.shuffle(order)
+    pool = cfg.batch_size * 50
+    chunks = []
+    for i in range(0, len(order), pool):
+        window = sorted(order[i:i + pool], key=lambda e: len(e.text))
+        chunks += [window[j:j + cfg.batch_size] for j in range(0, len(window), cfg.batch_size)]
+    rng.shuffle(chunks)
+    for chunk in chunks:
+        yield tm.encode([e.text for e in chunk], cfg.max_length), torch.tensor([e.label for e in chunk])
+
+
 @torch.no_grad()
 def predict(tm: TaskModel, module: nn.Module, texts: list[str], batch_size: int = 64) -> torch.Tensor:
     """Predicted label indices of ``module`` (any variant) for ``texts``."""
@@ -76,7 +90,12 @@ def predict(tm: TaskModel, module: nn.Module, texts: list[str], batch_size: int 
     if isinstance(module, nn.Module):
         module.eval()
     try:
-        return tm.run(module, texts, batch_size).argmax(-1)
+        # by length, so each batch pads little; then back in the given order
+        order = sorted(range(len(texts)), key=lambda i: len(texts[i]))
+        pred = tm.run(module, [texts[i] for i in order], batch_size).argmax(-1)
+        out = torch.empty_like(pred)
+        out[torch.tensor(order, dtype=torch.long)] = pred
+        return out
     finally:
         if was_training:
             module.train()
@@ -111,10 +130,7 @@ def train_classifier(tm: TaskModel, module: nn.Module, train: list[Example], dev
     start = time.perf_counter()
     module.train()
     for epoch in range(cfg.epochs):
-        rng = random.Random(cfg.seed * 1000 + epoch)
-        epoch_order = list(order)
-        rng.shuffle(epoch_order)
-        for batch, labels in _batches(tm, epoch_order, cfg.batch_size, cfg.max_length):
+        for batch, labels in _length_bucketed(tm, order, cfg, random.Random(cfg.seed * 1000 + epoch)):
             loss = nn.functional.cross_entropy(module(**batch), labels)
             opt.zero_grad(set_to_none=True)
             loss.backward()
