@@ -181,7 +181,8 @@ def cmd_finetune(args: argparse.Namespace) -> int:
     if args.threads:
         torch.set_num_threads(args.threads)
     out = Path(args.out) if args.out else sentiment_model_dir()
-    cfg = TrainConfig(epochs=args.epochs, batch_size=args.batch_size, seed=args.seed, max_train=args.max_train,
+    cfg = TrainConfig(epochs=args.epochs or (1 if args.qat else 2), batch_size=args.batch_size, seed=args.seed,
+                      max_train=args.max_train,
                       lr=args.lr if args.lr is not None else (1e-5 if args.qat else 5e-5),
                       head_lr=1e-4 if args.qat else 1e-3)
     if args.qat:
@@ -247,7 +248,7 @@ def build_parser() -> argparse.ArgumentParser:
     f.add_argument("--out", help="model directory (default: models/sentiment, the built-in source `sentiment`)")
     f.add_argument("--qat", action="store_true", help="fine-tune the model in --out with fake int8 and save the "
                                                       "converted int8 model as its qat-int8 variant")
-    f.add_argument("--epochs", type=int, default=2)
+    f.add_argument("--epochs", type=int, help="passes over the training split (default 2; 1 with --qat)")
     f.add_argument("--batch-size", type=int, default=32)
     f.add_argument("--lr", type=float, help="encoder learning rate (default 5e-5; 1e-5 with --qat)")
     f.add_argument("--seed", type=int, default=0)

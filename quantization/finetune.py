@@ -31,7 +31,7 @@ import torch
 from torch import nn
 
 from .datasets import CITATION, LABEL_THRESHOLD, LABELS, Example, movie_reviews
-from .models import CLASSIFIER_FILE, EmbeddingClassifier, SentenceEncoder, TaskModel, load_task_model, minilm_path
+from .models import CLASSIFIER_FILE, EmbeddingClassifier, TaskModel, load_task_model, minilm_path
 
 Progress = Callable[[str, int, int], None]
 QAT_VARIANT_DIR = Path("variants") / "qat-int8"
@@ -179,10 +179,12 @@ def save_classifier(tm: TaskModel, module: EmbeddingClassifier, out: Path, recor
     (out / CALIBRATION_FILE).write_text("\n".join(calib) + "\n", encoding="utf-8")
 
 
-def finetune_sentiment(out: Path, cfg: TrainConfig, progress: Progress | None = None) -> dict[str, Any]:
+def finetune_sentiment(out: Path, cfg: TrainConfig, progress: Progress | None = None,
+                       dev: list[Example] | None = None) -> dict[str, Any]:
     """Fine-tune MiniLM + head in FP32, save the best-on-dev model to ``out``; return the record."""
     tm = new_sentiment_model()
-    best, result = train_classifier(tm, tm.module, movie_reviews("train"), movie_reviews("dev"), cfg, progress)
+    dev = movie_reviews("dev") if dev is None else dev
+    best, result = train_classifier(tm, tm.module, movie_reviews("train"), dev, cfg, progress)
     record = {"training": {"config": asdict(cfg), **asdict(result)},
               "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), "minilm": str(minilm_path())}
     save_classifier(tm, best, Path(out), record)
@@ -190,15 +192,15 @@ def finetune_sentiment(out: Path, cfg: TrainConfig, progress: Progress | None = 
 
 
 def qat_sentiment(model_dir: Path, cfg: TrainConfig, progress: Progress | None = None,
-                  calibration_batches: int = 16) -> dict[str, Any]:
+                  calibration_batches: int = 16, dev: list[Example] | None = None) -> dict[str, Any]:
     """Quantization-aware fine-tuning of the FP32 model in ``model_dir``; saves ``variants/qat-int8``."""
     from .artifacts import save_artifact
     from .qat import prepare_qat
     from .strategies.base import QuantizedModel
-    from .strategies.qat import QatInt8, QatParams
+    from .strategies.qat import QatInt8
 
     tm = load_task_model(str(model_dir), "classify")
-    train, dev = movie_reviews("train"), movie_reviews("dev")
+    train, dev = movie_reviews("train"), movie_reviews("dev") if dev is None else dev
     qat = prepare_qat(tm.module)
     qat.train()
     with torch.no_grad():  # the observers see real activations before the first step
@@ -207,9 +209,7 @@ def qat_sentiment(model_dir: Path, cfg: TrainConfig, progress: Progress | None =
                 break
             qat(**batch)
     best, result = train_classifier(tm, qat, train, dev, cfg, progress)
-    strategy = QatInt8(QatParams())
-    strategy.qat = best
-    variant, layers = strategy.build(tm.module, frozenset())
+    variant, layers = QatInt8.from_trained(best).build(tm.module, frozenset())
     params = {"objective": "labelled cross-entropy (movie-review train split)", "training": asdict(cfg)}
     qm = QuantizedModel(module=variant, strategy="qat-int8", params=params, layers=layers, seconds=result.seconds,
                         notes={"training": asdict(result)})

@@ -42,6 +42,13 @@ class QatInt8(Strategy):
         self.qat: nn.Module | None = None
         self.losses: list[float] = []
 
+    @classmethod
+    def from_trained(cls, qat: nn.Module, params: QatParams | None = None) -> "QatInt8":
+        """The strategy holding a model already trained with fake quantization (``prepare`` is skipped)."""
+        impl = cls(params or QatParams())
+        impl.qat = qat.eval()
+        return impl
+
     def prepare(self, module: nn.Module, calibration: list[Batch] | None) -> None:
         p: QatParams = self.params  # type: ignore[assignment]
         self.qat = prepare_qat(module, self.units(module), p.act_averaging)
