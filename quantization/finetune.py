@@ -139,7 +139,9 @@ def train_classifier(tm: TaskModel, module: nn.Module, train: list[Example], dev
             sched.step()
             step += 1
             progress("training steps", step, total)
-            if step % eval_every == 0 or step == total:
+            # at the end too, unless the last evaluation saw nearly the same model
+            last = history[-1]["step"] if history else 0
+            if step % eval_every == 0 or (step == total and step - last >= eval_every // 2):
                 acc = accuracy(tm, module, dev)
                 history.append({"step": step, "epoch": round(step / per_epoch, 2), "loss": round(loss.item(), 4),
                                 "dev_accuracy": round(acc, 4)})
@@ -147,7 +149,7 @@ def train_classifier(tm: TaskModel, module: nn.Module, train: list[Example], dev
                     best, best_acc, best_step, bad = copy.deepcopy(module), acc, step, 0
                 else:
                     bad += 1
-                if bad > cfg.patience:
+                if bad > cfg.patience and step < total:
                     progress("training steps", total, total)
                     return best.eval(), TrainResult(best_acc, best_step, step, time.perf_counter() - start,
                                                     history, stopped_early=True)
