@@ -23,7 +23,8 @@ import yaml
 
 from .errors import QuantizationError
 
-MODEL_HELP = ("model source: a built-in (minilm = all-MiniLM-L6-v2 embedder, intent = intent classifier), "
+MODEL_HELP = ("model source: a built-in (minilm = all-MiniLM-L6-v2 embedder, intent = intent classifier, "
+              "sentiment = the model `finetune` trains), "
               "a local model directory, or a Hugging Face hub id (needs network)")
 
 

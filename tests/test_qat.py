@@ -95,3 +95,13 @@ def test_the_qat_strategy_distils_and_its_artifact_loads_without_touching_the_fp
     texts = eval_texts()[:32]
     assert torch.allclose(intent.run(loaded.module, texts), intent.run(qm.module, texts), atol=1e-5)
     assert all(torch.equal(v, before[k]) for k, v in intent.module.state_dict().items())
+
+
+def test_qat_refuses_bad_parameters_and_a_missing_calibration_set():
+    from quantization.errors import CalibrationError, InvalidConfigError
+    from quantization.strategies import quantize
+
+    with pytest.raises(InvalidConfigError, match="steps"):
+        quantize(nn.Linear(8, 8), "qat-int8", {"steps": -1})
+    with pytest.raises(CalibrationError, match="needs sample texts"):
+        quantize(nn.Linear(8, 8), "qat-int8")
