@@ -107,8 +107,14 @@ def accuracy(tm: TaskModel, module: nn.Module, examples: list[Example]) -> float
 
 
 def train_classifier(tm: TaskModel, module: nn.Module, train: list[Example], dev: list[Example], cfg: TrainConfig,
-                     progress: Progress | None = None) -> tuple[nn.Module, TrainResult]:
-    """Train ``module`` in place; return the best-on-dev copy and the record."""
+                     progress: Progress | None = None,
+                     teacher: nn.Module | None = None) -> tuple[nn.Module, TrainResult]:
+    """Train ``module`` in place; return the best-on-dev copy and the record.
+
+    With a ``teacher``, the loss adds the KL divergence from the teacher's predicted distribution,
+    so that the student (the fake-quantized model in QAT) learns the labels without drifting from
+    what the FP32 model already got right.
+    """
     progress = progress or (lambda *_: None)
     torch.manual_seed(cfg.seed)
     order = list(train)
@@ -131,7 +137,13 @@ def train_classifier(tm: TaskModel, module: nn.Module, train: list[Example], dev
     module.train()
     for epoch in range(cfg.epochs):
         for batch, labels in _length_bucketed(tm, order, cfg, random.Random(cfg.seed * 1000 + epoch)):
-            loss = nn.functional.cross_entropy(module(**batch), labels)
+            logits = module(**batch)
+            loss = nn.functional.cross_entropy(logits, labels)
+            if teacher is not None:
+                with torch.no_grad():
+                    target = teacher(**batch).log_softmax(-1)
+                loss = loss + nn.functional.kl_div(logits.log_softmax(-1), target, log_target=True,
+                                                   reduction="batchmean")
             opt.zero_grad(set_to_none=True)
             loss.backward()
             torch.nn.utils.clip_grad_norm_(module.parameters(), 1.0)
@@ -210,9 +222,10 @@ def qat_sentiment(model_dir: Path, cfg: TrainConfig, progress: Progress | None =
             if i >= calibration_batches:
                 break
             qat(**batch)
-    best, result = train_classifier(tm, qat, train, dev, cfg, progress)
+    best, result = train_classifier(tm, qat, train, dev, cfg, progress, teacher=tm.module.eval())
     variant, layers = QatInt8.from_trained(best).build(tm.module, frozenset())
-    params = {"objective": "labelled cross-entropy (movie-review train split)", "training": asdict(cfg)}
+    params = {"objective": "cross-entropy on the movie-review train split + KL to the FP32 model",
+              "training": asdict(cfg)}
     qm = QuantizedModel(module=variant, strategy="qat-int8", params=params, layers=layers, seconds=result.seconds,
                         notes={"training": asdict(result)})
     save_artifact(tm, qm, Path(model_dir) / QAT_VARIANT_DIR)
