@@ -134,6 +134,30 @@ def verify_artifact(directory: str | Path, tm: TaskModel | None = None) -> dict[
     return manifest
 
 
+def _load_weights(module: torch.nn.Module, path: Path) -> None:
+    """Load a saved state dict into ``module``, a copy that shares its tensors with the FP32 model.
+
+    Tensors equal to the shared ones stay shared (no extra memory); the others (a QAT-trained
+    variant's layer norms and embeddings differ from the FP32 model's) are put in place of the
+    shared tensor rather than copied into it, which would overwrite the FP32 model.
+    """
+    from safetensors.torch import load_file
+
+    saved = load_file(str(path))
+    current = module.state_dict()
+    for name, tensor in saved.items():
+        if name in current and current[name].shape == tensor.shape and torch.equal(current[name], tensor):
+            saved[name] = current[name]
+    # save_model keeps one name of each group of tied tensors: tie the others to it again
+    by_storage = {current[n].data_ptr(): n for n in saved if n in current}
+    for name in current.keys() - saved.keys():
+        twin = by_storage.get(current[name].data_ptr())
+        if twin is None:
+            raise KeyError(f"the artifact has no tensor {name!r}")
+        saved[name] = saved[twin]
+    module.load_state_dict(saved, strict=True, assign=True)
+
+
 def load_artifact(directory: str | Path, tm: TaskModel) -> QuantizedModel:
     """Rebuild the variant saved in ``directory`` on top of the FP32 ``tm`` without re-quantizing."""
     directory = Path(directory)
@@ -146,8 +170,6 @@ def load_artifact(directory: str | Path, tm: TaskModel) -> QuantizedModel:
 
         module: Any = OnnxRuntimeModule.from_file(directory / ONNX_FILE)
     else:
-        from safetensors.torch import load_model
-
         configs = manifest.get("layer_configs") or {}
         if configs:
             module = share_copy(tm.module)
@@ -163,7 +185,7 @@ def load_artifact(directory: str | Path, tm: TaskModel) -> QuantizedModel:
             if module is tm.module:
                 module = share_copy(tm.module)
         try:
-            load_model(module, str(directory / TORCH_FILE), strict=True)
+            _load_weights(module, directory / TORCH_FILE)
         except (RuntimeError, KeyError, ValueError) as exc:
             raise ArtifactError(f"artifact weights in {directory} do not fit model {tm.name!r} ({str(exc)[:200]}); "
                                 "quantize this model again") from None

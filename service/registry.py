@@ -138,6 +138,8 @@ class Registry:
         if self.settings.threads:
             torch.set_num_threads(self.settings.threads)
         probes = eval_texts()[: self.settings.probe_texts]
+        for name in self.settings.absent_optional_models:
+            self._say(f"event=model_skipped model={name} reason='optional and its source is not on this machine'")
         for mc in self.settings.models:
             self._say(f"event=model_loading model={mc.name} task={mc.task} source={mc.source}")
             tm = self._load(mc)
@@ -189,16 +191,23 @@ class Registry:
         mc, tm = served.config, served.task_model
         rss = psutil.Process().memory_info().rss
         start = time.perf_counter()
-        directory = self._artifact_dir(mc, vc)
+        # a variant only training can make (QAT on labelled data) ships inside the model's directory
+        bundled = tm.artifacts.get(vc.strategy) if not vc.artifact and not vc.params else None
+        if bundled is None and not vc.artifact and not vc.params and vc.strategy in tm.trained_strategies:
+            raise StartupError(f"model {mc.name!r} variant {vc.name!r}: {vc.strategy} of this model is made by "
+                               f"training and its directory holds none yet; run `python -m quantization finetune "
+                               f"--qat`, or give the variant params (e.g. {{steps: 200}}) to build it from "
+                               f"calibration texts instead")
+        directory = bundled or self._artifact_dir(mc, vc)
         qm, from_artifact = None, False
         if directory is not None and (directory / "manifest.json").is_file():
             try:
                 manifest = read_manifest(directory)
-                if manifest["strategy"] != vc.strategy or manifest["params"] != _full_params(vc):
+                if manifest["strategy"] != vc.strategy or (bundled is None and manifest["params"] != _full_params(vc)):
                     raise ArtifactError(f"it holds {manifest['strategy']} {manifest['params']}, not what the config asks")
                 qm, from_artifact = load_artifact(directory, tm), True
             except ArtifactError as exc:
-                if vc.artifact:
+                if vc.artifact or bundled:
                     raise StartupError(f"model {mc.name!r} variant {vc.name!r}: {exc}") from None
                 self._say(f"event=artifact_rebuild model={mc.name} variant={vc.name} reason={str(exc)!r}")
         if qm is None:

@@ -21,10 +21,13 @@ def _write(tmp_path, text: str):
     return path
 
 
-def test_the_default_config_serves_minilm_and_intent_as_fp32_and_int8_and_translation_with_native_too():
+def test_the_default_config_serves_minilm_and_intent_as_fp32_and_int8_and_translation_with_native_too(tmp_path,
+                                                                                                      monkeypatch):
+    monkeypatch.setenv("QUANTIZATION_MODELS_DIR", str(tmp_path))  # no trained sentiment model there
     s = load_settings()
     assert {(m.name, m.task) for m in s.models} == {("minilm", "embed"), ("intent", "classify"),
                                                     ("en-pt", "translate"), ("pt-en", "translate")}
+    assert s.absent_optional_models == ["sentiment"]
     for m in s.models:
         extra = [("native", "native")] if m.task == "translate" else []
         assert [(v.name, v.strategy) for v in m.variants] == [("fp32", "fp32"), ("int8", "dynamic-int8"), *extra]

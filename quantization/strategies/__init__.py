@@ -104,7 +104,7 @@ def quantize(module: nn.Module, strategy: str, params: dict[str, Any] | Strategy
 _LOADED = False
 # The order names are listed in (errors, CLI, docs): baseline first, then by family.
 CANONICAL_ORDER = ("fp32", "fp16", "bf16", "dynamic-int8", "static-int8", "weight-only-int8", "weight-only-int4",
-                   "weight-sharing", "onnx-int8", "native")
+                   "weight-sharing", "onnx-int8", "qat-int8", "native")
 
 
 def _load_builtin() -> None:
@@ -112,7 +112,7 @@ def _load_builtin() -> None:
     if _LOADED:
         return
     _LOADED = True
-    from . import floating, int8, native, onnx, weight_only, weight_sharing  # noqa: F401  (modules register themselves)
+    from . import floating, int8, native, onnx, qat, weight_only, weight_sharing  # noqa: F401  (modules register themselves)
 
     # a module imported directly before the registry was loaded registered early: restore the order
     ordered = {name: STRATEGIES[name] for name in CANONICAL_ORDER if name in STRATEGIES}
