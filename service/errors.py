@@ -53,6 +53,10 @@ class InvalidInput(ServiceError):
     status, type = 422, "invalid_request"
 
 
+class UnsupportedLanguages(ServiceError):
+    status, type = 422, "unsupported_languages"
+
+
 class Unauthorized(ServiceError):
     status, type = 401, "unauthorized"
 

@@ -13,18 +13,8 @@ from pydantic import AfterValidator, BaseModel, ConfigDict, Field, StringConstra
 from .config import MAX_CHARS_CEILING, MAX_INPUTS_CEILING
 
 
-def _valid_unicode(text: str) -> str:
-    # JSON may carry lone UTF-16 surrogates ("\ud800"); no tokenizer can take them
-    try:
-        text.encode("utf-8")
-    except UnicodeEncodeError as exc:
-        raise ValueError(f"contains an unpaired surrogate (U+{ord(text[exc.start]):04X}) at position {exc.start}, "
-                         f"which is not valid Unicode; send UTF-8 text") from None
-    return text
-
-
 # The schema holds the hard ceilings; the configured limits (GET /v1/models, "limits") are checked per request.
-Text = Annotated[str, StringConstraints(max_length=MAX_CHARS_CEILING), AfterValidator(_valid_unicode)]
+Text = Annotated[str, StringConstraints(max_length=MAX_CHARS_CEILING)]
 Inputs = Annotated[list[Text], Field(min_length=1, max_length=MAX_INPUTS_CEILING,
                                      description="1 or more texts, within the configured limits.max_inputs and "
                                                  "limits.max_chars (default 256 and 20000; see GET /v1/models)")]
@@ -34,7 +24,8 @@ Truncation = Annotated[Literal["truncate", "error"] | None, Field(
 
 
 class _Request(BaseModel):
-    # strict: the types the schema states, no coercion (0 is not false, "3" is not 3)
+    # strict: the types the schema states, no coercion (0 is not false, "3" is not 3); strict strings also
+    # refuse lone UTF-16 surrogates ("\ud800" in JSON), which no tokenizer can take
     model_config = ConfigDict(extra="forbid", strict=True)
 
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import json
 
 import httpx
 import pytest
@@ -25,8 +26,10 @@ def server():
         yield base, app
 
 
-def post(base: str, body: dict, **kw) -> httpx.Response:
-    return httpx.post(f"{base}/v1/translate", json=body, timeout=120, **kw)
+def post(base: str, body: dict, headers: dict | None = None, **kw) -> httpx.Response:
+    # json.dumps escapes to ASCII, so a lone surrogate reaches the server as JSON allows ("\ud800")
+    return httpx.post(f"{base}/v1/translate", content=json.dumps(body).encode(), timeout=120,
+                      headers={"Content-Type": "application/json", **(headers or {})}, **kw)
 
 
 @pytest.mark.parametrize("variant", ["fp32", "int8", "native"])
@@ -117,6 +120,7 @@ def test_concurrent_requests_each_get_their_own_translation(server):
     ({"inputs": ["hi"], "variant": "native", "beam_size": 4}, 422, "beam_size"),
     ({"inputs": ["hi"], "source_lang": "English"}, 422, "source_lang"),
     ({"inputs": ["hi"], "temperature": 0.7}, 422, "temperature"),
+    ({"inputs": ["ok", "bad \ud800 text"]}, 422, "inputs.1"),
 ])
 def test_bad_input_gets_a_clear_json_error(server, body, status, needle):
     base, _ = server

