@@ -16,7 +16,7 @@ import tempfile
 import threading
 import time
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any, Callable, Iterator
 
 import httpx
 import uvicorn
@@ -30,24 +30,37 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def wait_ready(url: str, proc: subprocess.Popen | None = None, log: Path | None = None,
-               timeout: float = 900.0) -> tuple[float, bool]:
-    """Poll /readyz until 200: (seconds it took, whether a 503 was seen first). Raises if it exits or times out."""
+def poll_until_ok(url: str, timeout: float, alive: Callable[[], str | None] = lambda: None,
+                  tail: Callable[[], str] = lambda: "", interval: float = 0.25) -> tuple[float, bool]:
+    """GET ``url`` until it answers 200: (seconds it took, whether a 503 came first).
+
+    ``alive()`` says why to give up early (the server's process or container exited), or None;
+    ``tail()`` adds the server's log to the error. Raises RuntimeError on giving up or timing out.
+    """
     start = time.perf_counter()
     saw_503 = False
-    tail = lambda: log.read_text(errors="replace")[-3000:] if log else ""  # noqa: E731
     while time.perf_counter() - start < timeout:
-        if proc is not None and proc.poll() is not None:
-            raise RuntimeError(f"the service exited ({proc.returncode}):\n{tail()}")
+        gone = alive()
+        if gone:
+            raise RuntimeError(f"{gone}:\n{tail()}")
         try:
-            status = httpx.get(f"{url}/readyz", timeout=5).status_code
+            status = httpx.get(url, timeout=5).status_code
             if status == 200:
                 return time.perf_counter() - start, saw_503
             saw_503 = saw_503 or status == 503
         except httpx.HTTPError:
             pass
-        time.sleep(0.25)
-    raise RuntimeError(f"the service was not ready after {timeout:.0f} s:\n{tail()}")
+        time.sleep(interval)
+    raise RuntimeError(f"{url} did not answer 200 within {timeout:.0f} s:\n{tail()}")
+
+
+def wait_ready(url: str, proc: subprocess.Popen | None = None, log: Path | None = None,
+               timeout: float = 900.0) -> tuple[float, bool]:
+    """Poll /readyz until 200: (seconds it took, whether a 503 was seen first). Raises if it exits or times out."""
+    return poll_until_ok(f"{url}/readyz", timeout,
+                         alive=lambda: f"the service exited ({proc.returncode})" if proc and proc.poll() is not None
+                         else None,
+                         tail=lambda: log.read_text(errors="replace")[-3000:] if log else "")
 
 
 def stop(proc: subprocess.Popen, timeout: float = 20.0) -> int:

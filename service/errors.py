@@ -77,6 +77,12 @@ class ShuttingDown(ServiceError):
     status, type = 503, "shutting_down"
 
 
+class ClientGone(ServiceError):
+    """The client disconnected before its answer was ready (nginx's 499; nobody reads the body)."""
+
+    status, type = 499, "client_closed_request"
+
+
 class DeadlineExceeded(ServiceError):
     status, type = 504, "deadline_exceeded"
 

@@ -13,8 +13,8 @@ import torch
 
 from . import context
 from .batching import BatcherClosed, BatchResult, QueueFull
-from .errors import (DeadlineExceeded, InferenceFailed, InvalidInput, NotReady, Overloaded, ServiceError,
-                     ShuttingDown)
+from .errors import (ClientGone, DeadlineExceeded, InferenceFailed, InvalidInput, NotReady, Overloaded,
+                     ServiceError, ShuttingDown)
 from .registry import Registry, ServedModel, Variant
 from .tasks import SHADOW_METRIC, TaskAdapter
 
@@ -29,12 +29,6 @@ class Served:
     tokens: int
     truncated: list[int]
     batch: BatchResult
-
-
-class ClientGone(ServiceError):
-    """The client disconnected before its answer was ready (nginx's 499; nobody reads the body)."""
-
-    status, type = 499, "client_closed_request"
 
 
 class Serving:

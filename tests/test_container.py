@@ -19,6 +19,7 @@ import torch
 import torch.nn.functional as F
 import yaml
 
+from bench.live import poll_until_ok
 from live_service import ROOT, free_port, require_tool
 from quantization.models import load_task_model
 
@@ -112,18 +113,12 @@ def test_container_answers_readyz_and_embed_then_stops_cleanly_within_its_grace_
            image)
     base = f"http://127.0.0.1:{port}"
     try:
-        deadline = time.monotonic() + 300
-        while time.monotonic() < deadline:
+        def exited() -> str | None:
             state = yaml.safe_load(podman("inspect", name).stdout)[0]["State"]
-            assert state["Running"], f"the container exited:\n{podman('logs', name, check=False).stderr[-3000:]}"
-            try:
-                if httpx.get(f"{base}/readyz", timeout=5).status_code == 200:
-                    break
-            except httpx.TransportError:
-                pass
-            time.sleep(1)
-        else:
-            pytest.fail(f"not ready within 300 s:\n{podman('logs', name, check=False).stderr[-3000:]}")
+            return None if state["Running"] else "the container exited"
+
+        poll_until_ok(f"{base}/readyz", 300, alive=exited, interval=1,
+                      tail=lambda: podman("logs", name, check=False).stderr[-3000:])
         assert podman("healthcheck", "run", name, check=False).returncode == 0
 
         texts = ["A man is playing a guitar.", "Someone plays an acoustic guitar."]

@@ -16,6 +16,7 @@ import httpx
 import pytest
 import yaml
 
+from bench.live import poll_until_ok
 from live_service import ROOT, free_port, require_tool, running_service
 from service.config import default_config_text
 
@@ -105,16 +106,8 @@ class Prometheus:
                                      stdout=self.log, stderr=subprocess.STDOUT)
 
     def wait_ready(self) -> None:
-        deadline = time.monotonic() + 60
-        while time.monotonic() < deadline:
-            assert self.proc.poll() is None, "prometheus exited; see prometheus.log in the test's tmp folder"
-            try:
-                if httpx.get(f"{self.url}/-/ready", timeout=2).status_code == 200:
-                    return
-            except httpx.TransportError:
-                pass
-            time.sleep(0.3)
-        pytest.fail("prometheus did not become ready")
+        poll_until_ok(f"{self.url}/-/ready", 60, interval=0.3, alive=lambda: None if self.proc.poll() is None else
+                      "prometheus exited; see prometheus.log in the test's tmp folder")
 
     def query(self, expr: str) -> list[dict]:
         body = httpx.get(f"{self.url}/api/v1/query", params={"query": expr}, timeout=10).json()
