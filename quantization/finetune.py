@@ -23,7 +23,7 @@ import json
 import math
 import random
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any, Callable
 
@@ -51,6 +51,7 @@ class TrainConfig:
     evals_per_epoch: int = 2
     seed: int = 0
     max_train: int | None = None  # a prefix of the (shuffled) training set, for quick runs
+    eval_at_start: bool = False  # the untrained model competes for best-on-dev too (QAT starts from a PTQ model)
 
 
 @dataclass
@@ -134,6 +135,9 @@ def train_classifier(tm: TaskModel, module: nn.Module, train: list[Example], dev
     best, best_acc, best_step, bad, step = copy.deepcopy(module), -1.0, 0, 0, 0
     history: list[dict[str, float]] = []
     start = time.perf_counter()
+    if cfg.eval_at_start:
+        best_acc = accuracy(tm, module.eval(), dev)
+        history.append({"step": 0, "epoch": 0.0, "loss": None, "dev_accuracy": round(best_acc, 4)})
     module.train()
     for epoch in range(cfg.epochs):
         for batch, labels in _length_bucketed(tm, order, cfg, random.Random(cfg.seed * 1000 + epoch)):
@@ -209,22 +213,22 @@ def qat_sentiment(model_dir: Path, cfg: TrainConfig, progress: Progress | None =
                   calibration_batches: int = 16, dev: list[Example] | None = None) -> dict[str, Any]:
     """Quantization-aware fine-tuning of the FP32 model in ``model_dir``; saves ``variants/qat-int8``."""
     from .artifacts import save_artifact
-    from .qat import prepare_qat
+    from .qat import prepare_qat_from_static
     from .strategies.base import QuantizedModel
     from .strategies.qat import QatInt8
 
     tm = load_task_model(str(model_dir), "classify")
     train, dev = movie_reviews("train"), movie_reviews("dev") if dev is None else dev
-    qat = prepare_qat(tm.module)
-    qat.train()
-    with torch.no_grad():  # the observers see real activations before the first step
-        for i, (batch, _) in enumerate(_batches(tm, train, cfg.batch_size, cfg.max_length)):
-            if i >= calibration_batches:
-                break
-            qat(**batch)
+    # start from post-training static int8 (SmoothQuant factors and percentile activation ranges calibrated on
+    # the model's calibration snippets, as the served static-int8 variant): training can only improve on it
+    # (the step-0 model competes on dev), and the ranges stay fixed while the weights adapt to them
+    texts = tm.calibration or [e.text for e in train[: calibration_batches * cfg.batch_size]]
+    qat = prepare_qat_from_static(tm.module, tm.calibration_batches(texts))
+    cfg = replace(cfg, eval_at_start=True)
     best, result = train_classifier(tm, qat, train, dev, cfg, progress, teacher=tm.module.eval())
     variant, layers = QatInt8.from_trained(best).build(tm.module, frozenset())
     params = {"objective": "cross-entropy on the movie-review train split + KL to the FP32 model",
+              "initialised_from": "static-int8 (its SmoothQuant factors and activation ranges, held fixed)",
               "training": asdict(cfg)}
     qm = QuantizedModel(module=variant, strategy="qat-int8", params=params, layers=layers, seconds=result.seconds,
                         notes={"training": asdict(result)})

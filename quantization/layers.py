@@ -89,6 +89,7 @@ class _Int8GemmLinear(QuantizedLinear):
         self.has_smooth = smooth
         if smooth:
             self.register_buffer("smooth", torch.ones(in_features))
+        self._refresh()
 
     def config(self) -> dict[str, Any]:
         return {**super().config(), "weight_granularity": self.weight_granularity, "smooth": self.has_smooth}
@@ -108,6 +109,7 @@ class _Int8GemmLinear(QuantizedLinear):
         self.weight_scale.copy_(qp.scale.reshape(-1))
         if linear.bias is not None:
             self.bias.copy_(linear.bias.detach().float())
+        self._refresh()
 
     def dequantized_weight(self) -> torch.Tensor:
         scale = self.weight_scale.reshape(-1, 1) if self.weight_scale.numel() > 1 else self.weight_scale
@@ -126,19 +128,26 @@ class _Int8GemmLinear(QuantizedLinear):
         if x_zero is not None:
             # sum_k (q_x - z) q_w = q_x @ q_w^T - z * sum_k q_w, applied after scaling as one rank-1 update
             if x_zero.numel() == 1:
-                y.sub_((x_zero * x_scale).reshape(()) * self._weight_col_sums() * self.weight_scale)
+                y.sub_((x_zero * x_scale).reshape(()) * self.zero_point_term)
             else:
-                y.addr_((x_zero * x_scale).flatten(), self._weight_col_sums() * self.weight_scale, alpha=-1)
+                y.addr_((x_zero * x_scale).flatten(), self.zero_point_term, alpha=-1)
         if self.bias is not None:
             y.add_(self.bias)
         return y
 
-    def _weight_col_sums(self) -> torch.Tensor:
-        sums = getattr(self, "_col_sums", None)
-        if sums is None or sums.device != self.weight_int8.device:
-            sums = self.weight_int8.sum(dim=1, dtype=torch.int32).to(torch.float32)
-            self._col_sums = sums
-        return sums
+    def _refresh(self) -> None:
+        """Derived from the stored buffers once, not per call: (sum_k q_w) * s_w, the zero-point term.
+
+        A non-persistent buffer, so it is not part of the stored form; recomputed whenever weights
+        are loaded. Computing it lazily inside ``forward`` would also make ``torch.compile`` trace a
+        module whose attributes change on the first call (a recompile).
+        """
+        term = self.weight_int8.sum(dim=1, dtype=torch.int32).to(torch.float32) * self.weight_scale
+        self.register_buffer("zero_point_term", term, persistent=False)
+
+    def _load_from_state_dict(self, *args: Any, **kwargs: Any) -> None:
+        super()._load_from_state_dict(*args, **kwargs)
+        self._refresh()
 
 
 class DynamicInt8Linear(_Int8GemmLinear):
@@ -205,14 +214,20 @@ class StaticInt8Linear(_Int8GemmLinear):
         layer._load_weight(linear, weight_observer, smooth)
         layer.act_scale.copy_(act_qparams.scale.reshape(()))
         layer.act_zero_point.copy_(act_qparams.zero_point.reshape(()))
+        layer._refresh()
         return layer
+
+    def _refresh(self) -> None:
+        super()._refresh()
+        # a plain bool, so the forward has no data-dependent branch (one graph under torch.compile)
+        self.has_zero_point = bool(getattr(self, "act_zero_point", torch.zeros(())) != 0)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         shape = x.shape
         x2 = self._flat_input(x)
         zero = self.act_zero_point
         q = (x2 / self.act_scale).round_().add_(zero).clamp_(-128, 127).to(torch.int8)
-        y = self._gemm(q, self.act_scale, zero if bool(zero != 0) else None)
+        y = self._gemm(q, self.act_scale, zero if self.has_zero_point else None)
         return y.reshape(*shape[:-1], self.out_features).to(x.dtype)
 
 

@@ -50,36 +50,58 @@ def fake_quantize_ste(x: torch.Tensor, qp: QParams) -> torch.Tensor:
 
 
 class FakeQuantLinear(nn.Linear):
-    """An ``nn.Linear`` trained under simulated int8 weights and activations."""
+    """An ``nn.Linear`` trained under simulated int8 weights and activations.
 
-    def __init__(self, in_features: int, out_features: int, bias: bool = True, act_averaging: float = 0.01) -> None:
+    Optionally initialised from post-training static quantization: ``smooth`` (SmoothQuant
+    factors: the input is divided by them and the weight's columns multiplied, as in
+    ``StaticInt8Linear``) and ``act_qparams`` (a calibrated activation range, then held fixed
+    while the weights adapt to it). Training then starts from the PTQ model's exact int8 function.
+    """
+
+    def __init__(self, in_features: int, out_features: int, bias: bool = True, act_averaging: float = 0.01,
+                 smooth: bool = False) -> None:
         super().__init__(in_features, out_features, bias)
         self.weight_scheme = weight_scheme("channel")
         self.act_observer = MovingAverageMinMaxObserver(static_act_scheme(), averaging_constant=act_averaging)
+        self.frozen_act_qparams: QParams | None = None
+        self.has_smooth = smooth
+        if smooth:
+            self.register_buffer("smooth", torch.ones(in_features))
 
     @classmethod
-    def from_linear(cls, linear: nn.Linear, act_averaging: float = 0.01) -> "FakeQuantLinear":
-        layer = cls(linear.in_features, linear.out_features, linear.bias is not None, act_averaging)
+    def from_linear(cls, linear: nn.Linear, act_averaging: float = 0.01, smooth: torch.Tensor | None = None,
+                    act_qparams: QParams | None = None) -> "FakeQuantLinear":
+        layer = cls(linear.in_features, linear.out_features, linear.bias is not None, act_averaging,
+                    smooth=smooth is not None)
         layer.weight = nn.Parameter(linear.weight.detach().clone())
         if linear.bias is not None:
             layer.bias = nn.Parameter(linear.bias.detach().clone())
+        if smooth is not None:
+            layer.smooth.copy_(smooth)
+        layer.frozen_act_qparams = act_qparams
         return layer
 
+    def _smoothed_weight(self) -> torch.Tensor:
+        return self.weight * self.smooth if self.has_smooth else self.weight
+
     def weight_qparams(self) -> QParams:
-        return choose_qparams(self.weight.detach(), self.weight_scheme)
+        return choose_qparams(self._smoothed_weight().detach(), self.weight_scheme)
 
     def act_qparams(self) -> QParams:
-        return self.act_observer.qparams()
+        return self.frozen_act_qparams if self.frozen_act_qparams is not None else self.act_observer.qparams()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self.training or self.act_observer.count == 0:
+        if self.has_smooth:
+            x = x / self.smooth
+        if self.frozen_act_qparams is None and (self.training or self.act_observer.count == 0):
             self.act_observer.observe(x)
         x_q = fake_quantize_ste(x, self.act_qparams())
-        w_q = fake_quantize_ste(self.weight, self.weight_qparams())
+        w_q = fake_quantize_ste(self._smoothed_weight(), self.weight_qparams())
         return nn.functional.linear(x_q, w_q, self.bias)
 
     def to_int8(self) -> StaticInt8Linear:
-        return StaticInt8Linear.from_linear(self, self.act_qparams(), weight_granularity="channel")
+        return StaticInt8Linear.from_linear(self, self.act_qparams(), weight_granularity="channel",
+                                            smooth=self.smooth if self.has_smooth else None)
 
     def to_float(self) -> nn.Linear:
         layer = nn.Linear(self.in_features, self.out_features, self.bias is not None)
@@ -91,12 +113,33 @@ def quantizable_units(module: nn.Module) -> list[str]:
     return [n for n, m in module.named_modules() if type(m) is nn.Linear]
 
 
-def prepare_qat(module: nn.Module, units: list[str] | None = None, act_averaging: float = 0.01) -> nn.Module:
-    """A trainable copy of ``module`` (left untouched) with every unit fake-quantized."""
+def prepare_qat(module: nn.Module, units: list[str] | None = None, act_averaging: float = 0.01,
+                smooth: dict[str, torch.Tensor] | None = None,
+                act_qparams: dict[str, QParams] | None = None) -> nn.Module:
+    """A trainable copy of ``module`` (left untouched) with every unit fake-quantized.
+
+    ``smooth`` and ``act_qparams`` (by unit name, e.g. from a calibrated ``static-int8``) start
+    training from that post-training int8 model; units without an entry observe their own range.
+    """
     qat = copy.deepcopy(module)
+    smooth, act_qparams = smooth or {}, act_qparams or {}
     for name in quantizable_units(module) if units is None else units:
-        set_submodule(qat, name, FakeQuantLinear.from_linear(qat.get_submodule(name), act_averaging))
+        set_submodule(qat, name, FakeQuantLinear.from_linear(qat.get_submodule(name), act_averaging,
+                                                             smooth=smooth.get(name), act_qparams=act_qparams.get(name)))
     return qat
+
+
+def prepare_qat_from_static(module: nn.Module, calibration: list[dict[str, torch.Tensor]]) -> nn.Module:
+    """``prepare_qat`` starting from ``static-int8`` (default parameters) calibrated on ``calibration``.
+
+    The fake-quantized model then computes exactly what the post-training int8 model does, so
+    training starts from it: SmoothQuant factors and percentile activation ranges, held fixed.
+    """
+    from .strategies.int8 import StaticInt8, StaticParams
+
+    ptq = StaticInt8(StaticParams())
+    ptq.prepare(module, calibration)
+    return prepare_qat(module, smooth=ptq.smooth, act_qparams={n: o.qparams() for n, o in ptq.act_observers.items()})
 
 
 def fake_quant_layers(module: nn.Module) -> dict[str, FakeQuantLinear]:

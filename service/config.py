@@ -41,6 +41,9 @@ class VariantConfig(_Strict):
     strategy: str = Field(description="a quantization strategy (python -m quantization strategies lists them)")
     params: dict[str, Any] = Field(default_factory=dict, description="strategy parameters")
     artifact: str | None = Field(None, description="directory of a saved artifact to load instead of quantizing")
+    compile: bool = Field(False, description="run the variant through torch.compile (TorchInductor): fuses the int8 "
+                                             "layers' quantize/dequantize passes with their neighbours; needs g++, "
+                                             "compiles at start-up (about a minute per model on 2 cores, then cached)")
 
     @field_validator("strategy")
     @classmethod
@@ -91,6 +94,10 @@ class ModelConfig(_Strict):
     def _consistent(self) -> "ModelConfig":
         names = [v.name for v in self.variants]
         _unique(names, "variant")
+        compiled = [v.name for v in self.variants if v.compile]
+        if self.task == "translate" and compiled:
+            raise ValueError(f"variant {compiled[0]!r} asks for compile: true, which applies to embed and classify "
+                             f"models only; remove it")
         r = self.routing
         for field, value in (("default", r.default), ("shadow_variant", r.shadow_variant)):
             if value is not None and value not in names:

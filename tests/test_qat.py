@@ -13,7 +13,7 @@ from quantization.datasets import movie_reviews
 from quantization.finetune import TrainConfig, new_sentiment_model, predict, train_classifier
 from quantization.layers import StaticInt8Linear, static_act_scheme, weight_scheme
 from quantization.pipeline import eval_texts, quantize_model
-from quantization.qat import FakeQuantLinear, convert_qat, fake_quantize_ste, prepare_qat
+from quantization.qat import FakeQuantLinear, convert_qat, fake_quantize_ste, prepare_qat_from_static
 
 
 @pytest.mark.parametrize("scheme", [static_act_scheme(), weight_scheme("channel"), QScheme(bits=4, symmetric=False)])
@@ -60,10 +60,11 @@ def test_weights_get_their_full_gradient_because_their_range_is_their_min_max():
 
 @pytest.fixture(scope="module")
 def short_qat():
-    """MiniLM + head, fake-quantized and trained for a few steps on a small slice of the training split."""
+    """MiniLM + head, fake-quantized from static int8 (as `finetune --qat` does) and trained for a few steps on a
+    small slice of the training split."""
     torch.manual_seed(0)
     tm = new_sentiment_model()
-    qat = prepare_qat(tm.module)
+    qat = prepare_qat_from_static(tm.module, tm.calibration_batches([e.text for e in movie_reviews("train")[:128]]))
     cfg = TrainConfig(epochs=1, batch_size=16, lr=2e-5, head_lr=1e-3, max_train=96, evals_per_epoch=1)
     best, result = train_classifier(tm, qat, movie_reviews("train"), movie_reviews("dev")[:48], cfg)
     return tm, best, result
@@ -105,3 +106,15 @@ def test_qat_refuses_bad_parameters_and_a_missing_calibration_set():
         quantize(nn.Linear(8, 8), "qat-int8", {"steps": -1})
     with pytest.raises(CalibrationError, match="needs sample texts"):
         quantize(nn.Linear(8, 8), "qat-int8")
+
+
+def test_qat_from_static_starts_as_exactly_the_static_int8_model(intent, calib):
+    """Before any training, converting a QAT model prepared from static-int8 gives static-int8's model."""
+    texts = calib[:32]
+    qat = prepare_qat_from_static(intent.module, intent.calibration_batches(texts))
+    static = quantize_model(intent, "static-int8", calibration=texts)
+    probe = eval_texts()[:32]
+    converted = intent.run(convert_qat(qat), probe)
+    assert torch.allclose(converted, intent.run(static.module, probe), atol=1e-5)
+    # and the fake-quantized form predicts what both int8 models predict
+    assert torch.equal(intent.run(qat.eval(), probe).argmax(-1), converted.argmax(-1))

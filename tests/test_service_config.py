@@ -31,6 +31,8 @@ def test_the_default_config_serves_minilm_and_intent_as_fp32_and_int8_and_transl
     for m in s.models:
         extra = [("native", "native")] if m.task == "translate" else []
         assert [(v.name, v.strategy) for v in m.variants] == [("fp32", "fp32"), ("int8", "dynamic-int8"), *extra]
+        # the int8 routes of embed and classify run compiled; FP32 stays eager as the baseline
+        assert [v.compile for v in m.variants] == ([False, True] if m.task != "translate" else [False] * 3)
 
 
 @pytest.mark.parametrize("yaml_text, needle", [
@@ -43,6 +45,8 @@ def test_the_default_config_serves_minilm_and_intent_as_fp32_and_int8_and_transl
     ("models:\n - {name: a, task: embed, source: minilm, variants: [{name: x, strategy: fp32}], colour: red}",
      "models.0.colour: unknown field"),
     ("models: [1", "not valid YAML"),
+    ("models:\n - {name: a, task: translate, source: bergamot-en-pt, variants: [{name: x, strategy: fp32, compile: true}]}",
+     "variant 'x' asks for compile: true, which applies to embed and classify models only"),
 ])
 def test_bad_configs_are_refused_with_one_sentence(tmp_path, yaml_text, needle):
     with pytest.raises(ConfigError) as err:

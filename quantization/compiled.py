@@ -1,0 +1,84 @@
+"""Run a variant through ``torch.compile`` (TorchInductor) instead of eagerly, op by op.
+
+Why: in eager mode an int8 Linear is one fast int8 GEMM surrounded by about ten elementwise
+passes over the activations (find each token's range, scale, round, shift, clamp, cast; then
+int32 -> float, two scalings, zero-point term, bias), each a full trip through memory. On this
+kind of CPU those passes cost ~8x the GEMM itself (see bench/RESULTS.md, "Where an int8 layer's
+time goes"). Inductor fuses them into a few loops (quantization into one, the dequantizing
+epilogue with the bias, GELU or residual add that follow it), and the layer norms, softmax and
+mask arithmetic around them too, while ``torch._int_mm`` stays the same VNNI kernel.
+
+Costs: compiling needs a C++ compiler (``g++``) and, on 2 cores, about a minute per model the
+first time; compiled kernels are cached on disk (``TORCHINDUCTOR_CACHE_DIR``; :func:`use_cache_dir`
+points it next to saved artifacts) so a restart compiles from the cache. Shapes are symbolic
+(``dynamic=True``), so one graph serves every batch size and sequence length above 1; batch size
+1 gets its own graph. :func:`warm_up` compiles both before a variant is declared ready.
+
+Only the forward of the module changes: its weights, state dict and stored bytes are the
+module's own (:func:`original` gives the module back).
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import sysconfig
+from pathlib import Path
+from typing import Any, Callable
+
+import torch
+from torch import nn
+
+CACHE_ENV = "TORCHINDUCTOR_CACHE_DIR"
+
+
+def compiler_problem() -> str | None:
+    """Why this machine cannot compile, as one sentence; None when it can."""
+    cxx = os.environ.get("CXX") or "g++"
+    if shutil.which(cxx) is None:
+        return (f"torch.compile needs a C++ compiler and {cxx!r} is not on PATH; install one "
+                f"(Debian: apt-get install g++) or set compile: false")
+    include = sysconfig.get_paths().get("include")
+    if include and not Path(include, "Python.h").is_file():
+        return (f"torch.compile needs the Python headers and {include}/Python.h is missing; install them "
+                f"(Debian: apt-get install python3-dev) or set compile: false")
+    return None
+
+
+def use_cache_dir(directory: str | os.PathLike[str]) -> Path:
+    """Keep compiled kernels in ``directory`` (unless the environment already names a cache)."""
+    if os.environ.get(CACHE_ENV):
+        return Path(os.environ[CACHE_ENV])
+    path = Path(directory)
+    path.mkdir(parents=True, exist_ok=True)
+    os.environ[CACHE_ENV] = str(path)
+    return path
+
+
+def compile_module(module: nn.Module) -> nn.Module:
+    """``module`` with a compiled forward (lazy: the first call of each shape class compiles)."""
+    if compiler_problem() is not None:
+        raise RuntimeError(compiler_problem())
+    return torch.compile(module, dynamic=True)
+
+
+def original(module: Any) -> Any:
+    """The module a compiled one wraps (or ``module`` itself)."""
+    return getattr(module, "_orig_mod", module)
+
+
+def is_compiled(module: Any) -> bool:
+    return original(module) is not module
+
+
+def warm_up(run: Callable[[list[Any]], Any], items: list[Any]) -> None:
+    """Compile every graph serving will need, here rather than on the first requests.
+
+    A batch of one row and a batch of several (of different lengths, so padded) are the two shape
+    classes: dynamic shapes cover every size above 1, and size 1 is specialised.
+    """
+    if not items:
+        return
+    run(items[:1])
+    if len(items) > 1:
+        run(items[: min(len(items), 4)])

@@ -1,0 +1,83 @@
+"""Variants run through torch.compile: same outputs as eager, every graph compiled before serving,
+and a machine that cannot compile still serves (eager, saying why)."""
+
+from __future__ import annotations
+
+import httpx
+import torch
+import torch._dynamo
+
+from quantization.compiled import compile_module, compiler_problem, is_compiled, original, warm_up
+from quantization.fidelity import fidelity
+from quantization.pipeline import quantize_model
+from service.metrics import Metrics
+from service.registry import Registry
+from service.config import load_settings
+from live_service import running_service
+
+CONFIG = """
+models:
+  - name: minilm
+    task: embed
+    source: minilm
+    max_input_tokens: 64
+    variants:
+      - {name: fp32, strategy: fp32}
+      - {name: int8, strategy: dynamic-int8, compile: true}
+    routing: {default: int8}
+"""
+
+
+def test_this_machine_can_compile():
+    # set-up installs g++; without it the default int8 routes would quietly run eager
+    assert compiler_problem() is None
+
+
+def test_compiled_int8_matches_eager_int8_on_every_batch_shape_without_recompiling(minilm, texts):
+    qm = quantize_model(minilm, "dynamic-int8")
+    compiled = compile_module(qm.module)
+    assert is_compiled(compiled) and original(compiled) is qm.module
+    warm_up(lambda batch: minilm.run(compiled, batch), texts[:12])
+    # after warm-up no new shape (batch sizes 1..12, padded to different lengths) may compile again
+    with torch._dynamo.config.patch(error_on_recompile=True):
+        for batch in (texts[:1], texts[5:6], texts[:2], texts[3:10], texts[20:32]):
+            out = minilm.run(compiled, batch)
+            # the same int8 arithmetic, fused: not bit-equal (a rounding lands on the other side of .5 and the
+            # error grows from there like int8's own), so close to eager int8 ...
+            assert fidelity("embed", minilm.run(qm.module, batch), out)["min_cosine"] > 0.995
+            # ... and as faithful to FP32 as the served int8 variant must be
+            fid = fidelity("embed", minilm.run(None, batch), out)
+            assert fid["mean_cosine"] >= 0.995 and fid["min_cosine"] >= 0.98, fid
+
+
+def test_the_service_serves_the_compiled_variant_and_says_so(minilm, texts, tmp_path):
+    path = tmp_path / "config.yaml"
+    path.write_text(CONFIG)
+    eager = quantize_model(minilm, "dynamic-int8")
+    with running_service(path) as (base, _):
+        int8 = httpx.get(f"{base}/v1/models/minilm", timeout=30).json()["variants"]
+        by_name = {v["name"]: v for v in int8}
+        assert by_name["int8"]["runtime"] == "torch+inductor"
+        assert by_name["int8"]["compile"]["compiled"] and by_name["int8"]["compile"]["seconds"] > 0
+        assert by_name["fp32"]["runtime"] == "torch" and not by_name["fp32"]["compile"]["asked"]
+        for batch in (texts[:1], texts[:7]):
+            r = httpx.post(f"{base}/v1/embed", json={"inputs": batch, "normalize": False}, timeout=60)
+            assert r.status_code == 200 and r.json()["variant"] == "int8"
+            got = torch.tensor([d["embedding"] for d in r.json()["results"]])
+            # int8 either way, so they differ by about int8's own error, and are as faithful to FP32
+            assert fidelity("embed", minilm.run(eager.module, batch), got)["min_cosine"] > 0.995
+            fid = fidelity("embed", minilm.run(None, batch), got)
+            assert fid["mean_cosine"] >= 0.995 and fid["min_cosine"] >= 0.98, fid
+
+
+def test_without_a_compiler_the_variant_serves_eager_and_says_why(tmp_path, monkeypatch):
+    monkeypatch.setenv("CXX", "no-such-c++-compiler")
+    path = tmp_path / "config.yaml"
+    path.write_text(CONFIG)
+    registry = Registry(load_settings(path, probe_texts=8), Metrics())
+    registry.build()
+    v = registry.models["minilm"].variants["int8"]
+    assert not v.compiled and v.runtime == "torch" and not is_compiled(v.module)
+    assert "no-such-c++-compiler" in v.compile_problem and "compile: false" in v.compile_problem
+    assert v.describe()["compile"] == {"asked": True, "compiled": False, "seconds": 0.0, "problem": v.compile_problem}
+    assert any("event=compile_unavailable" in line for line in registry.progress)
