@@ -8,6 +8,10 @@ each send one-sentence requests back to back (``quantization.pipeline.eval_texts
 for a fixed time after a warm-up, per model and pinned variant. The same variants are built in
 this process and timed directly (``adapter.run``), before and after the HTTP runs, as baselines:
 one sentence per call (for HTTP overhead at C=1) and batches of 32 (for batching efficiency at C=32).
+
+The peer: LitServe serving the same MiniLM int8 variant (built by our library the same way; see
+bench/litserve_peer.py) with its own batching (32 inputs / 5 ms), driven by the same load
+generator at the same concurrencies in the same run, after our service has stopped.
 """
 
 from __future__ import annotations
@@ -18,13 +22,13 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-import argparse, asyncio, itertools, json, re, statistics, time  # noqa: E401,E402
+import argparse, asyncio, itertools, json, re, statistics, subprocess, tempfile, time  # noqa: E401,E402
 from collections import Counter  # noqa: E402
 from typing import Any  # noqa: E402
 
 import httpx  # noqa: E402
 
-from bench.live import ServiceProcess  # noqa: E402
+from bench.live import ServiceProcess, free_port, poll_until_ok, stop  # noqa: E402
 from bench.results import machine_summary, write_section  # noqa: E402
 from quantization.pipeline import eval_texts  # noqa: E402
 from service.app import create_app  # noqa: E402
@@ -62,7 +66,7 @@ def in_process(registry: Any, texts: list[str], rounds: int) -> dict[tuple[str, 
     return out
 
 
-async def closed_loop(client: httpx.AsyncClient, path: str, variant: str, texts: list[str], clients: int,
+async def closed_loop(client: httpx.AsyncClient, path: str, variant: str | None, texts: list[str], clients: int,
                       seconds: float) -> tuple[list[float], Counter, float]:
     """``clients`` workers send one-sentence requests back to back until ``seconds`` have passed.
 
@@ -76,7 +80,8 @@ async def closed_loop(client: httpx.AsyncClient, path: str, variant: str, texts:
 
     async def worker() -> None:
         while time.perf_counter() < deadline:
-            body = {"inputs": [texts[next(turn) % len(texts)]], "variant": variant}
+            text = texts[next(turn) % len(texts)]
+            body = {"inputs": [text], "variant": variant} if variant is not None else {"input": text}  # the peer
             t = time.perf_counter()
             try:
                 r = await client.post(path, json=body)
@@ -134,6 +139,46 @@ async def load(url: str, texts: list[str], seconds: float, warmup: float) -> lis
     return rows
 
 
+PEER = "int8 via LitServe"
+
+
+async def peer_load(url: str, texts: list[str], seconds: float, warmup: float) -> list[dict[str, Any]]:
+    """LitServe at every concurrency: the same closed loop against its POST /predict."""
+    rows = []
+    limits = httpx.Limits(max_connections=max(CONCURRENCY), max_keepalive_connections=max(CONCURRENCY))
+    async with httpx.AsyncClient(base_url=url, timeout=60, limits=limits) as client:
+        r = await client.post("/predict", json={"input": texts[0]})
+        if r.status_code != 200 or len(r.json()["embedding"]) != 384:
+            raise RuntimeError(f"LitServe: unexpected answer {r.status_code} {r.text[:300]}")
+        for c in CONCURRENCY:
+            print(f"load: LitServe c={c} ...", file=sys.stderr)
+            await closed_loop(client, "/predict", None, texts, c, warmup)
+            cpu = time.process_time()
+            lat, errors, elapsed = await closed_loop(client, "/predict", None, texts, c, seconds)
+            cpu = time.process_time() - cpu
+            xs = sorted(lat)
+            pick = lambda q: 1000 * xs[min(len(xs) - 1, int(q * len(xs)))] if xs else float("nan")  # noqa: E731
+            rows.append({"model": "minilm", "variant": PEER, "clients": c, "requests": len(lat),
+                         "p50_ms": pick(0.50), "p99_ms": pick(0.99), "per_s": len(lat) / elapsed,
+                         "errors": sum(errors.values()), "error_kinds": dict(errors), "mean_batch": None,
+                         "mean_queue_ms": None, "client_cpu_share": cpu / elapsed, "seconds": elapsed})
+    return rows
+
+
+def run_peer(texts: list[str], seconds: float, warmup: float) -> list[dict[str, Any]]:
+    port = free_port()
+    with tempfile.NamedTemporaryFile("w+", prefix="litserve-", suffix=".log") as log:
+        proc = subprocess.Popen([sys.executable, str(ROOT / "bench" / "litserve_peer.py"), "--port", str(port)],
+                                cwd=ROOT, stdout=log, stderr=subprocess.STDOUT)
+        try:
+            poll_until_ok(f"http://127.0.0.1:{port}/health", 900,
+                          alive=lambda: f"LitServe exited ({proc.returncode})" if proc.poll() is not None else None,
+                          tail=lambda: Path(log.name).read_text(errors="replace")[-3000:])
+            return asyncio.run(peer_load(f"http://127.0.0.1:{port}", texts, seconds, warmup))
+        finally:
+            stop(proc)
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--quick", action="store_true", help="3 s runs; prints, does not write RESULTS.md")
@@ -152,6 +197,9 @@ def main() -> int:
         print("timing in-process baselines ...", file=sys.stderr)
         base = in_process(app.state.registry, texts, rounds)
         rows = asyncio.run(load(url, texts, seconds, warmup))
+        service.stop()
+        print("starting the LitServe peer ...", file=sys.stderr)
+        rows += run_peer(texts, seconds, warmup)
         print("timing in-process baselines again ...", file=sys.stderr)
         for key, s in in_process(app.state.registry, texts, rounds).items():
             base[key]["single_s"] += s["single_s"]
@@ -161,7 +209,7 @@ def main() -> int:
     baselines = {f"{m}/{v}": {"single_ms": 1000 * statistics.median(s["single_s"]),
                               "batched_per_s": statistics.median(s["batched_per_s"])} for (m, v), s in base.items()}
     for r in rows:
-        b = baselines[f"{r['model']}/{r['variant']}"]
+        b = baselines[f"{r['model']}/{r['variant'] if r['variant'] != PEER else 'int8'}"]
         r["overhead_ms"] = r["p50_ms"] - b["single_ms"] if r["clients"] == 1 else None
         r["overhead_x"] = r["p50_ms"] / b["single_ms"] if r["clients"] == 1 else None
         r["batched_x"] = r["per_s"] / b["batched_per_s"] if r["clients"] == BATCH else None
@@ -199,7 +247,7 @@ def render(result: dict[str, Any]) -> str:
                   "| variant | clients | p50 ms | p99 ms | requests/s | errors | mean batch | mean queue ms | "
                   "x in-process batched throughput | overhead over in-process at c=1 (ms, ratio) |",
                   "|---|---|---|---|---|---|---|---|---|---|"]
-        for r in (r for r in result["rows"] if r["model"] == model):
+        for r in (r for r in result["rows"] if r["model"] == model and r["variant"] != PEER):
             batched = f"**{r['batched_x']:.2f}**" if r["batched_x"] is not None else "-"
             over = f"+{r['overhead_ms']:.1f} ms, x{r['overhead_x']:.2f}" if r["overhead_ms"] is not None else "-"
             mean = f"{r['mean_batch']:.1f}" if r["mean_batch"] is not None else "-"
@@ -210,6 +258,18 @@ def render(result: dict[str, Any]) -> str:
                          f"{result['baselines'][f'{model}/{v}']['batched_per_s']:.0f} sentences/s in batches of 32"
                          for v in VARIANTS)
         lines += ["", f"In-process: {base}."]
+    ours = {r["clients"]: r for r in result["rows"] if r["model"] == "minilm" and r["variant"] == "int8"}
+    peer = {r["clients"]: r for r in result["rows"] if r["variant"] == PEER}
+    if peer:
+        lines += ["", "The peer: LitServe 0.2 serving the same `minilm` int8 variant (same library build, compiled) with "
+                  "its own batching (32 inputs / 5 ms, one inference worker), same load generator, same run "
+                  "(`bench/litserve_peer.py`, `POST /predict`):", "",
+                  "| clients | LitServe p50 ms | LitServe p99 ms | LitServe requests/s | ours requests/s x LitServe | "
+                  "ours p99 x LitServe |", "|---|---|---|---|---|---|"]
+        for c, r in peer.items():
+            o = ours.get(c)
+            lines.append(f"| {c} | {r['p50_ms']:.1f} | {r['p99_ms']:.1f} | {r['per_s']:.1f} | "
+                         f"**{o['per_s'] / r['per_s']:.2f}** | **{o['p99_ms'] / r['p99_ms']:.2f}** |" if o else "")
     cpu = max(r["client_cpu_share"] for r in result["rows"])
     lines += ["", "Mean batch and mean queue ms (time a request waited for its batch's model call to start) come "
               f"from the service's /metrics; the load generator itself used up to {100 * cpu:.0f}% of one core, "

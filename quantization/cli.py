@@ -185,7 +185,8 @@ def cmd_finetune(args: argparse.Namespace) -> int:
     cfg = TrainConfig(epochs=args.epochs or (1 if args.qat else 2), batch_size=args.batch_size, seed=args.seed,
                       max_train=args.max_train,
                       lr=args.lr if args.lr is not None else (1e-5 if args.qat else 5e-5),
-                      head_lr=1e-4 if args.qat else 1e-3)
+                      head_lr=1e-4 if args.qat else 1e-3,
+                      label_weight=args.label_weight if args.label_weight is not None else (0.0 if args.qat else 1.0))
     if args.qat:
         print(f"quantization-aware training of {out} ...", file=sys.stderr)
         record = qat_sentiment(out, cfg, ProgressBars())
@@ -253,6 +254,9 @@ def build_parser() -> argparse.ArgumentParser:
     f.add_argument("--batch-size", type=int, default=32)
     f.add_argument("--lr", type=float, help="encoder learning rate (default 5e-5; 1e-5 with --qat)")
     f.add_argument("--seed", type=int, default=0)
+    f.add_argument("--label-weight", type=float,
+                   help="weight of the labels' loss (default 1; 0 with --qat: QAT distils the FP32 model only, "
+                        "since its aim is the FP32 model's accuracy, not a new fit to the training labels)")
     f.add_argument("--max-train", type=int, help="train on this many snippets only (quick runs)")
     f.add_argument("--threads", type=int, help="torch threads (default: torch's choice)")
     return parser

@@ -23,6 +23,7 @@ from __future__ import annotations
 import os
 import shutil
 import sysconfig
+import tempfile
 from pathlib import Path
 from typing import Any, Callable
 
@@ -45,12 +46,27 @@ def compiler_problem() -> str | None:
     return None
 
 
-def use_cache_dir(directory: str | os.PathLike[str]) -> Path:
-    """Keep compiled kernels in ``directory`` (unless the environment already names a cache)."""
+def use_cache_dir(directory: str | os.PathLike[str]) -> Path | None:
+    """Keep compiled kernels in ``directory`` (unless the environment already names a cache).
+
+    Inductor writes lock files even when every kernel is already cached, so a read-only cache
+    (one baked into a container image) is copied to a writable temporary directory first; a
+    read-only place without a cache leaves inductor's default (under the temporary directory).
+    """
     if os.environ.get(CACHE_ENV):
         return Path(os.environ[CACHE_ENV])
     path = Path(directory)
-    path.mkdir(parents=True, exist_ok=True)
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+        writable = os.access(path, os.W_OK)
+    except OSError:
+        writable = False
+    if not writable:
+        if not path.is_dir():
+            return None
+        copy = Path(tempfile.gettempdir()) / "quantserve-compile-cache"
+        shutil.copytree(path, copy, dirs_exist_ok=True)
+        path = copy
     os.environ[CACHE_ENV] = str(path)
     return path
 

@@ -52,6 +52,7 @@ class TrainConfig:
     seed: int = 0
     max_train: int | None = None  # a prefix of the (shuffled) training set, for quick runs
     eval_at_start: bool = False  # the untrained model competes for best-on-dev too (QAT starts from a PTQ model)
+    label_weight: float = 1.0  # weight of the labels' cross-entropy; with a teacher, 0 is pure distillation
 
 
 @dataclass
@@ -142,7 +143,7 @@ def train_classifier(tm: TaskModel, module: nn.Module, train: list[Example], dev
     for epoch in range(cfg.epochs):
         for batch, labels in _length_bucketed(tm, order, cfg, random.Random(cfg.seed * 1000 + epoch)):
             logits = module(**batch)
-            loss = nn.functional.cross_entropy(logits, labels)
+            loss = cfg.label_weight * nn.functional.cross_entropy(logits, labels)
             if teacher is not None:
                 with torch.no_grad():
                     target = teacher(**batch).log_softmax(-1)
@@ -227,7 +228,8 @@ def qat_sentiment(model_dir: Path, cfg: TrainConfig, progress: Progress | None =
     cfg = replace(cfg, eval_at_start=True)
     best, result = train_classifier(tm, qat, train, dev, cfg, progress, teacher=tm.module.eval())
     variant, layers = QatInt8.from_trained(best).build(tm.module, frozenset())
-    params = {"objective": "cross-entropy on the movie-review train split + KL to the FP32 model",
+    params = {"objective": (f"{cfg.label_weight:g} x cross-entropy on the movie-review train split + " if cfg.label_weight
+                            else "") + "KL to the FP32 model's predictions on the train split",
               "initialised_from": "static-int8 (its SmoothQuant factors and activation ranges, held fixed)",
               "training": asdict(cfg)}
     qm = QuantizedModel(module=variant, strategy="qat-int8", params=params, layers=layers, seconds=result.seconds,

@@ -24,7 +24,7 @@ log = logging.getLogger(__name__)
 @dataclass(frozen=True)
 class BatchConfig:
     max_batch_size: int = 32  # items (input strings) per model call
-    max_wait_ms: float = 5.0  # how long the first queued item waits for company
+    max_wait_ms: float = 5.0  # how long the first queued item waits for company (when company is likely)
     max_batch_tokens: int = 8192  # sum of item costs per model call
     max_queue: int = 1024  # items waiting; beyond it submit() raises QueueFull
 
@@ -58,6 +58,7 @@ class _Request:
     future: asyncio.Future[BatchResult]
     submitted: float
     tag: str | None = None  # the caller's name for it (a request id), for log lines about its batch
+    lone: bool = False  # it arrived more than max_wait after the previous request: nobody is likely to join it
     outputs: list[Any] = field(default_factory=list)
     taken: int = 0
     done_items: int = 0
@@ -92,6 +93,7 @@ class DynamicBatcher:
         self._worker: asyncio.Task[None] | None = None
         self._closing = False
         self._recent: deque[float] = deque(maxlen=32)  # seconds per recent model call
+        self._last_submit = -math.inf
 
     # -- public ---------------------------------------------------------------------------------
     @property
@@ -138,8 +140,11 @@ class DynamicBatcher:
         if self._queued_items + len(items) > self.config.max_queue:
             raise QueueFull(f"batcher {self.name}: {self._queued_items} items queued, limit "
                             f"{self.config.max_queue}", retry_after_s=self._retry_after())
+        now = time.perf_counter()
         req = _Request(items=list(items), costs=costs, future=asyncio.get_running_loop().create_future(),
-                       submitted=time.perf_counter(), outputs=[None] * len(items), tag=tag)
+                       submitted=now, outputs=[None] * len(items), tag=tag,
+                       lone=now - self._last_submit > self.config.max_wait_ms / 1000.0)
+        self._last_submit = now
         self._queue.append(req)
         self._queued_items += len(items)
         self._queued_cost += sum(costs)
@@ -162,7 +167,10 @@ class DynamicBatcher:
                     self._wakeup.clear()
                     await self._wakeup.wait()  # idle: sleep until a submit or stop
                     continue
-                if not self._closing and not self._full():
+                # wait for company only when it is likely: a request that arrived alone after a quiet spell
+                # (one client at a time) goes at once instead of paying max_wait on every call
+                lone = len(self._queue) == 1 and self._queue[0].lone
+                if not self._closing and not self._full() and not lone:
                     remaining = self._queue[0].submitted + wait_s - time.perf_counter()
                     if remaining > 0:
                         self._wakeup.clear()

@@ -119,7 +119,8 @@ class ModelConfig(_Strict):
 
 class BatchingConfig(_Strict):
     max_batch_size: int = Field(32, ge=1, le=1024)
-    max_wait_ms: float = Field(5.0, ge=0.0, le=1000.0)
+    max_wait_ms: float = Field(5.0, ge=0.0, le=1000.0, description="how long a request that arrives within "
+                               "max_wait_ms of the previous one waits for company; one after a quiet spell runs at once")
     max_batch_tokens: int = Field(8192, ge=16)
     max_queue: int = Field(1024, ge=1, description="inputs waiting per variant before requests get 429")
 

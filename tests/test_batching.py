@@ -155,7 +155,8 @@ def test_oversize_request_is_split_and_reassembled_in_order() -> None:
     assert res.inference_seconds >= 3 * model.sleep_s
 
 
-def test_lone_request_waits_about_max_wait() -> None:
+def test_a_request_after_a_quiet_spell_runs_at_once() -> None:
+    """One client at a time: nobody is likely to join, so waiting max_wait would be pure latency."""
     model = FakeModel(sleep_s=0.01)
 
     async def body(b: DynamicBatcher) -> tuple[float, BatchResult]:
@@ -165,8 +166,24 @@ def test_lone_request_waits_about_max_wait() -> None:
 
     elapsed, res = run_with(model, BatchConfig(max_batch_size=8, max_wait_ms=60), body)
     assert res.outputs == ["SOLO"]
-    assert 0.055 <= res.queue_seconds < 0.2
-    assert 0.06 <= elapsed < 0.06 + 0.01 + 0.2  # max_wait + run time, plus scheduling slack
+    assert res.queue_seconds < 0.03 and elapsed < 0.05
+
+
+def test_a_request_close_behind_another_waits_for_company() -> None:
+    """Requests arriving within max_wait of each other: the next one waits (up to max_wait) to be batched."""
+    model = FakeModel(sleep_s=0.01)
+
+    async def body(b: DynamicBatcher) -> list[BatchResult]:
+        first = await b.submit(["a"])  # alone: runs at once
+        second = asyncio.ensure_future(b.submit(["b"]))  # ~10 ms after the first: waits for company
+        await asyncio.sleep(0.02)
+        third = asyncio.ensure_future(b.submit(["c"]))
+        return [first, await second, await third]
+
+    first, second, third = run_with(model, BatchConfig(max_batch_size=8, max_wait_ms=60), body)
+    assert first.batch_sizes == [1] and first.queue_seconds < 0.03
+    assert second.batch_sizes == third.batch_sizes == [2]
+    assert 0.055 <= second.queue_seconds < 0.2  # waited max_wait for company, no longer
 
 
 def test_full_batch_runs_without_waiting() -> None:

@@ -67,10 +67,15 @@ class QatInt8(Strategy):
         for name, fq in fake_quant_layers(self.qat).items():
             if name in kept:
                 continue
-            obs = fq.act_observer.summary()
-            layers[name] = {"kind": "static-int8", "weight_granularity": "channel",
-                            "activation": {k: obs[k] for k in ("observer", "scheme", "chosen_min", "chosen_max",
-                                                               "scale", "zero_point")}}
+            if fq.frozen_act_qparams is None:
+                obs = fq.act_observer.summary()
+                activation = {k: obs[k] for k in ("observer", "scheme", "chosen_min", "chosen_max", "scale",
+                                                  "zero_point")}
+            else:
+                qp = fq.frozen_act_qparams
+                activation = {"observer": "fixed: calibrated by static-int8 before training",
+                              "scale": float(qp.scale), "zero_point": int(qp.zero_point)}
+            layers[name] = {"kind": "static-int8", "weight_granularity": "channel", "activation": activation}
         return variant, layers
 
     def notes(self) -> dict[str, Any]:
