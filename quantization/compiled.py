@@ -31,6 +31,10 @@ import torch
 from torch import nn
 
 CACHE_ENV = "TORCHINDUCTOR_CACHE_DIR"
+# Every compiled module adds its graphs (two shape classes each) to the guards of the same code
+# objects (BertModel.forward, ...): with torch's default of 8, the fifth compiled variant of one
+# architecture in a process would silently run eager.
+RECOMPILE_LIMIT = 64
 
 
 def compiler_problem() -> str | None:
@@ -75,6 +79,9 @@ def compile_module(module: nn.Module) -> nn.Module:
     """``module`` with a compiled forward (lazy: the first call of each shape class compiles)."""
     if compiler_problem() is not None:
         raise RuntimeError(compiler_problem())
+    import torch._dynamo.config as dynamo_config
+
+    dynamo_config.recompile_limit = max(dynamo_config.recompile_limit, RECOMPILE_LIMIT)
     return torch.compile(module, dynamic=True)
 
 
