@@ -130,6 +130,8 @@ def test_container_answers_readyz_and_embed_then_stops_cleanly_within_its_grace_
         variants = {(m["name"], v["name"]): v for m in httpx.get(f"{base}/v1/models").json()["models"]
                     for v in m["variants"]}
         assert variants[("minilm", "int8")]["loaded_from_artifact"] is True  # built into the image
+        # the image has the compiler, and ships the kernels the prebuild compiled (copied to /tmp at start)
+        assert variants[("minilm", "int8")]["compile"]["compiled"] is True, variants[("minilm", "int8")]["compile"]
         # the page and its vendored chart library are package data: they must be in the installed package
         assert "compare-form" in httpx.get(f"{base}/dashboard").text
         assert httpx.get(f"{base}/dashboard/static/vendor/uplot/uPlot.iife.min.js").status_code == 200
