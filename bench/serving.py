@@ -22,7 +22,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-import argparse, asyncio, itertools, json, re, statistics, subprocess, tempfile, time  # noqa: E401,E402
+import argparse, asyncio, contextlib, itertools, json, os, re, signal, statistics, subprocess, tempfile, time  # noqa: E401,E402
 from collections import Counter  # noqa: E402
 from typing import Any  # noqa: E402
 
@@ -168,8 +168,9 @@ async def peer_load(url: str, texts: list[str], seconds: float, warmup: float) -
 def run_peer(texts: list[str], seconds: float, warmup: float) -> list[dict[str, Any]]:
     port = free_port()
     with tempfile.NamedTemporaryFile("w+", prefix="litserve-", suffix=".log") as log:
+        # its own process group: LitServe spawns inference workers that outlive a SIGTERM to the server alone
         proc = subprocess.Popen([sys.executable, str(ROOT / "bench" / "litserve_peer.py"), "--port", str(port)],
-                                cwd=ROOT, stdout=log, stderr=subprocess.STDOUT)
+                                cwd=ROOT, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
         try:
             poll_until_ok(f"http://127.0.0.1:{port}/health", 900,
                           alive=lambda: f"LitServe exited ({proc.returncode})" if proc.poll() is not None else None,
@@ -177,6 +178,8 @@ def run_peer(texts: list[str], seconds: float, warmup: float) -> list[dict[str, 
             return asyncio.run(peer_load(f"http://127.0.0.1:{port}", texts, seconds, warmup))
         finally:
             stop(proc)
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(proc.pid, signal.SIGKILL)  # whatever of the group is left
 
 
 def main() -> int:
