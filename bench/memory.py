@@ -26,7 +26,7 @@ import argparse, json, subprocess, tempfile, threading, time  # noqa: E401,E402
 import httpx  # noqa: E402
 import yaml  # noqa: E402
 
-from bench.results import machine_summary, write_section  # noqa: E402
+from bench.results import machine_summary, publish  # noqa: E402
 from bench.serving import free_port, stop, wait_ready  # noqa: E402
 from quantization.pipeline import eval_texts  # noqa: E402
 
@@ -127,9 +127,7 @@ def main() -> int:
     table = render(result)
     print(table)
     if not args.quick:
-        (ROOT / "bench" / "results").mkdir(exist_ok=True)
-        (ROOT / "bench" / "results" / "memory.json").write_text(json.dumps(result, indent=2) + "\n")
-        write_section("memory", table)
+        publish("memory", result, table)
     return 0
 
 

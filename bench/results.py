@@ -34,3 +34,13 @@ def write_section(name: str, body: str) -> None:
     pattern = re.compile(re.escape(start) + ".*?" + re.escape(end), re.S)
     text = pattern.sub(lambda _m: block, text) if pattern.search(text) else text.rstrip() + "\n\n" + block + "\n"
     RESULTS.write_text(text)
+
+
+def publish(name: str, result: dict, table: str) -> None:
+    """A full run's record: ``bench/results/<name>.json`` and its section ``name`` of RESULTS.md."""
+    import json
+
+    out = RESULTS.parent / "results"
+    out.mkdir(exist_ok=True)
+    (out / f"{name}.json").write_text(json.dumps(result, indent=2, default=str) + "\n")
+    write_section(name, table)

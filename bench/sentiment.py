@@ -24,7 +24,7 @@ import torch
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from bench.results import machine_summary, write_section  # noqa: E402
+from bench.results import machine_summary, publish  # noqa: E402
 from quantization.artifacts import load_artifact  # noqa: E402
 from quantization.datasets import CITATION, LABEL_THRESHOLD, movie_reviews  # noqa: E402
 from quantization.finetune import predict  # noqa: E402
@@ -118,9 +118,7 @@ def main() -> int:
     table = render(result)
     print(table)
     if not args.quick:
-        (ROOT / "bench" / "results").mkdir(exist_ok=True)
-        (ROOT / "bench" / "results" / "sentiment.json").write_text(json.dumps(result, indent=2, default=str) + "\n")
-        write_section("sentiment", table)
+        publish("sentiment", result, table)
     return 0
 
 

@@ -22,14 +22,14 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-import argparse, asyncio, contextlib, itertools, json, os, re, signal, statistics, subprocess, tempfile, time  # noqa: E401,E402
+import argparse, asyncio, contextlib, itertools, os, re, signal, statistics, subprocess, tempfile, time  # noqa: E401,E402
 from collections import Counter  # noqa: E402
 from typing import Any  # noqa: E402
 
 import httpx  # noqa: E402
 
 from bench.live import ServiceProcess, free_port, poll_until_ok, stop  # noqa: E402
-from bench.results import machine_summary, write_section  # noqa: E402
+from bench.results import machine_summary, publish  # noqa: E402
 from quantization.pipeline import eval_texts  # noqa: E402
 from service.app import create_app  # noqa: E402
 from service.config import load_settings  # noqa: E402
@@ -108,11 +108,28 @@ def server_stats(url: str, model: str, variant: str) -> dict[str, float]:
     return got
 
 
+def _client(url: str) -> httpx.AsyncClient:
+    limits = httpx.Limits(max_connections=max(CONCURRENCY), max_keepalive_connections=max(CONCURRENCY))
+    return httpx.AsyncClient(base_url=url, timeout=60, limits=limits)
+
+
+async def timed(client: httpx.AsyncClient, path: str, variant: str | None, texts: list[str], clients: int,
+                seconds: float) -> dict[str, Any]:
+    """One timed closed loop (after the caller's warm-up): the client's side of a row."""
+    cpu = time.process_time()
+    lat, errors, elapsed = await closed_loop(client, path, variant, texts, clients, seconds)
+    cpu = time.process_time() - cpu
+    xs = sorted(lat)
+    pick = lambda q: 1000 * xs[min(len(xs) - 1, int(q * len(xs)))] if xs else float("nan")  # noqa: E731
+    return {"clients": clients, "requests": len(lat), "p50_ms": pick(0.50), "p99_ms": pick(0.99),
+            "per_s": len(lat) / elapsed, "errors": sum(errors.values()), "error_kinds": dict(errors),
+            "client_cpu_share": cpu / elapsed, "seconds": elapsed}
+
+
 async def load(url: str, texts: list[str], seconds: float, warmup: float) -> list[dict[str, Any]]:
     """Every model x variant x concurrency in turn: p50/p99 latency, throughput, errors, mean batch."""
     rows = []
-    limits = httpx.Limits(max_connections=max(CONCURRENCY), max_keepalive_connections=max(CONCURRENCY))
-    async with httpx.AsyncClient(base_url=url, timeout=60, limits=limits) as client:
+    async with _client(url) as client:
         for model, path in MODELS.items():
             for variant in VARIANTS:
                 r = await client.post(path, json={"inputs": [texts[0]], "variant": variant})
@@ -122,20 +139,12 @@ async def load(url: str, texts: list[str], seconds: float, warmup: float) -> lis
                     print(f"load: {model} {variant} c={c} ...", file=sys.stderr)
                     await closed_loop(client, path, variant, texts, c, warmup)
                     before = server_stats(url, model, variant)
-                    cpu = time.process_time()
-                    lat, errors, elapsed = await closed_loop(client, path, variant, texts, c, seconds)
-                    cpu = time.process_time() - cpu
+                    row = await timed(client, path, variant, texts, c, seconds)
                     d = {k: v - before[k] for k, v in server_stats(url, model, variant).items()}
-                    n = d["batch_size_count"]
-                    xs = sorted(lat)
-                    pick = lambda q: 1000 * xs[min(len(xs) - 1, int(q * len(xs)))] if xs else float("nan")  # noqa: E731
-                    rows.append({"model": model, "variant": variant, "clients": c, "requests": len(lat),
-                                 "p50_ms": pick(0.50), "p99_ms": pick(0.99), "per_s": len(lat) / elapsed,
-                                 "errors": sum(errors.values()), "error_kinds": dict(errors),
+                    n, queued = d["batch_size_count"], d["queue_duration_seconds_count"]
+                    rows.append({"model": model, "variant": variant, **row,
                                  "mean_batch": d["batch_size_sum"] / n if n else None,
-                                 "mean_queue_ms": 1000 * d["queue_duration_seconds_sum"] / d[
-                                     "queue_duration_seconds_count"] if d["queue_duration_seconds_count"] else None,
-                                 "client_cpu_share": cpu / elapsed, "seconds": elapsed})
+                                 "mean_queue_ms": 1000 * d["queue_duration_seconds_sum"] / queued if queued else None})
     return rows
 
 
@@ -145,23 +154,15 @@ PEER = "int8 via LitServe"
 async def peer_load(url: str, texts: list[str], seconds: float, warmup: float) -> list[dict[str, Any]]:
     """LitServe at every concurrency: the same closed loop against its POST /predict."""
     rows = []
-    limits = httpx.Limits(max_connections=max(CONCURRENCY), max_keepalive_connections=max(CONCURRENCY))
-    async with httpx.AsyncClient(base_url=url, timeout=60, limits=limits) as client:
+    async with _client(url) as client:
         r = await client.post("/predict", json={"input": texts[0]})
         if r.status_code != 200 or len(r.json()["embedding"]) != 384:
             raise RuntimeError(f"LitServe: unexpected answer {r.status_code} {r.text[:300]}")
         for c in CONCURRENCY:
             print(f"load: LitServe c={c} ...", file=sys.stderr)
             await closed_loop(client, "/predict", None, texts, c, warmup)
-            cpu = time.process_time()
-            lat, errors, elapsed = await closed_loop(client, "/predict", None, texts, c, seconds)
-            cpu = time.process_time() - cpu
-            xs = sorted(lat)
-            pick = lambda q: 1000 * xs[min(len(xs) - 1, int(q * len(xs)))] if xs else float("nan")  # noqa: E731
-            rows.append({"model": "minilm", "variant": PEER, "clients": c, "requests": len(lat),
-                         "p50_ms": pick(0.50), "p99_ms": pick(0.99), "per_s": len(lat) / elapsed,
-                         "errors": sum(errors.values()), "error_kinds": dict(errors), "mean_batch": None,
-                         "mean_queue_ms": None, "client_cpu_share": cpu / elapsed, "seconds": elapsed})
+            rows.append({"model": "minilm", "variant": PEER, **await timed(client, "/predict", None, texts, c, seconds),
+                         "mean_batch": None, "mean_queue_ms": None})
     return rows
 
 
@@ -224,9 +225,7 @@ def main() -> int:
     print(table)
     print(f"wall time {result['wall_s']:.0f} s", file=sys.stderr)
     if not args.quick:
-        (ROOT / "bench" / "results").mkdir(exist_ok=True)
-        (ROOT / "bench" / "results" / "http.json").write_text(json.dumps(result, indent=2) + "\n")
-        write_section("http", table)
+        publish("http", result, table)
     service.log.unlink(missing_ok=True)
     return 0
 

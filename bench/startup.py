@@ -28,7 +28,7 @@ sys.path.insert(0, str(ROOT))
 import argparse, json, os, re, tempfile, time  # noqa: E401,E402
 
 from bench.live import ServiceProcess  # noqa: E402
-from bench.results import machine_summary, write_section  # noqa: E402
+from bench.results import machine_summary, publish  # noqa: E402
 
 READY = re.compile(r"event=variant_ready model=(\S+) variant=(\S+) strategy=\S+ seconds=([\d.]+) "
                    r"compiled=(\S+) artifact=(\S+)")
@@ -83,9 +83,7 @@ def main() -> int:
     table = render(result)
     print(table)
     if not args.quick:
-        (ROOT / "bench" / "results").mkdir(exist_ok=True)
-        (ROOT / "bench" / "results" / "startup.json").write_text(json.dumps(result, indent=2) + "\n")
-        write_section("startup", table)
+        publish("startup", result, table)
     return 0
 
 

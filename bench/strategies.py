@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import argparse
 import copy
-import json
 import statistics
 import sys
 import time
@@ -28,7 +27,7 @@ from torch import nn
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from bench.results import machine_summary, write_section  # noqa: E402
+from bench.results import machine_summary, publish  # noqa: E402
 from quantization.compiled import compile_module, compiler_problem  # noqa: E402
 from quantization.fidelity import fidelity  # noqa: E402
 from quantization.models import load_task_model  # noqa: E402
@@ -240,9 +239,7 @@ def main() -> int:
         print(f"guard passed: {', '.join(r['variant'] for r in rows if r['variant'] in GUARDS)} within {GUARDS}",
               file=sys.stderr)
     if not args.quick:
-        (ROOT / "bench" / "results").mkdir(exist_ok=True)
-        (ROOT / "bench" / "results" / "strategies.json").write_text(json.dumps(result, indent=2, default=str) + "\n")
-        write_section("strategies", table)
+        publish("strategies", result, table)
     return 0
 
 
