@@ -77,8 +77,9 @@ def use_cache_dir(directory: str | os.PathLike[str]) -> Path | None:
 
 def compile_module(module: nn.Module) -> nn.Module:
     """``module`` with a compiled forward (lazy: the first call of each shape class compiles)."""
-    if compiler_problem() is not None:
-        raise RuntimeError(compiler_problem())
+    problem = compiler_problem()
+    if problem is not None:
+        raise RuntimeError(problem)
     import torch._dynamo.config as dynamo_config
 
     dynamo_config.recompile_limit = max(dynamo_config.recompile_limit, RECOMPILE_LIMIT)

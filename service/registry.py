@@ -20,7 +20,7 @@ import psutil
 import torch
 
 from quantization.artifacts import load_artifact, read_manifest, save_artifact
-from quantization.compiled import compile_module, compiler_problem, use_cache_dir, warm_up
+from quantization.compiled import compile_module, compiler_problem, is_compiled, use_cache_dir, warm_up
 from quantization.errors import ArtifactError, QuantizationError
 from quantization.models import TaskModel, load_task_model
 from quantization.pipeline import eval_texts, quantize_model
@@ -57,7 +57,6 @@ class Variant:
     memory_bytes: int
     fidelity: dict[str, float]
     kept: list[str]
-    compiled: bool = False
     compile_seconds: float = 0.0
     compile_problem: str | None = None
     batcher: DynamicBatcher | None = None
@@ -65,6 +64,10 @@ class Variant:
     requests: int = 0
     inputs: int = 0
     shadow: dict[str, float] = field(default_factory=lambda: {"n": 0, "sum": 0.0})
+
+    @property
+    def compiled(self) -> bool:
+        return is_compiled(self.module)
 
     def record_latency(self, seconds: float, inputs: int) -> None:
         self.latencies.append(seconds)
@@ -240,7 +243,7 @@ class Registry:
                           quantization_seconds=seconds - compile_seconds, loaded_from_artifact=from_artifact,
                           weight_bytes=weight_bytes, memory_bytes=grown,
                           fidelity={k: round(v, 6) for k, v in fid.items()}, kept=qm.kept,
-                          compiled=vc.compile and problem is None, compile_seconds=compile_seconds,
+                          compile_seconds=compile_seconds,
                           compile_problem=problem)
         self.metrics.declare_variant(mc.name, mc.task, vc.name, strategy=vc.strategy, runtime=qm.runtime,
                                      source=mc.source, weight_bytes=variant.weight_bytes, memory_bytes=grown,
