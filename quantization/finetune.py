@@ -65,12 +65,6 @@ class TrainResult:
     stopped_early: bool = False
 
 
-def _batches(tm: TaskModel, examples: list[Example], batch_size: int, max_length: int):
-    for i in range(0, len(examples), batch_size):
-        chunk = examples[i:i + batch_size]
-        yield tm.encode([e.text for e in chunk], max_length), torch.tensor([e.label for e in chunk])
-
-
 def _length_bucketed(tm: TaskModel, examples: list[Example], cfg: TrainConfig, rng: random.Random):
     """Shuffled batches of similar length: padding to a batch's longest snippet halves the work."""
     order = list(examples)
