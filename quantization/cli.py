@@ -196,7 +196,9 @@ def cmd_finetune(args: argparse.Namespace) -> int:
         record = finetune_sentiment(out, cfg, ProgressBars())
         where = out
     t = record["training"]
-    print(f"best dev accuracy {t['best_dev_accuracy']:.4f} at step {t['best_step']} of {t['steps']} "
+    agreement = f", agreement with FP32 {t['best_dev_agreement']:.4f}" if t.get("best_dev_agreement") else ""
+    print(f"kept step {t['best_step']} of {t['steps']} by {t['selected_by']}: dev accuracy "
+          f"{t['best_dev_accuracy']:.4f}{agreement} "
           f"({'stopped early, ' if t['stopped_early'] else ''}{t['seconds']:.0f} s) -> {where}")
     return 0
 

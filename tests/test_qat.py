@@ -3,6 +3,8 @@ straight-through estimator, and the converted int8 model predicts what the fake-
 
 from __future__ import annotations
 
+import copy
+
 import pytest
 import torch
 from torch import nn
@@ -118,3 +120,23 @@ def test_qat_from_static_starts_as_exactly_the_static_int8_model(intent, calib):
     assert torch.allclose(converted, intent.run(static.module, probe), atol=1e-5)
     # and the fake-quantized form predicts what both int8 models predict
     assert torch.equal(intent.run(qat.eval(), probe).argmax(-1), converted.argmax(-1))
+
+
+def test_distilling_keeps_the_copy_that_agrees_most_with_the_teacher_on_dev_and_trains_without_dropout():
+    torch.manual_seed(0)
+    tm = new_sentiment_model()
+    student = copy.deepcopy(tm.module)
+    cfg = TrainConfig(epochs=1, batch_size=16, lr=5e-4, head_lr=1e-2, max_train=48, evals_per_epoch=3,
+                      label_weight=1.0, dropout=False)
+    dev = movie_reviews("dev")[:48]
+    best, result = train_classifier(tm, student, movie_reviews("train"), dev, cfg, teacher=tm.module.eval())
+    assert result.selected_by == "dev agreement with the teacher"
+    agreements = [row["dev_agreement"] for row in result.history]
+    assert len(agreements) == 3 and min(agreements) < 1.0
+    assert result.best_dev_agreement == max(agreements)
+    kept = next(row for row in result.history if row["dev_agreement"] == max(agreements))
+    assert (result.best_step, result.best_dev_accuracy) == (kept["step"], kept["dev_accuracy"])
+    texts = [e.text for e in dev]
+    assert (predict(tm, best, texts) == predict(tm, tm.module, texts)).float().mean().item() == pytest.approx(
+        max(agreements), abs=1e-4)
+    assert all(m.p == 0.0 for m in student.modules() if isinstance(m, nn.Dropout))
