@@ -34,7 +34,7 @@ def create_app(settings: Settings, on_startup_failure: Callable[[str], None] | N
 
     async def build() -> None:
         try:
-            await asyncio.to_thread(registry.build)
+            await asyncio.get_running_loop().run_in_executor(registry.lane.executor, registry.build)
             await registry.start_batchers()
             log.info("event=ready models=%s", ",".join(registry.models))
         except StartupError as exc:

@@ -26,7 +26,7 @@ from quantization.models import TaskModel, load_task_model
 from quantization.pipeline import eval_texts, quantize_model
 from quantization.report import serialized_bytes
 
-from .batching import BatchConfig, DynamicBatcher
+from .batching import BatchConfig, DynamicBatcher, ModelLane
 from .config import ModelConfig, Settings, VariantConfig
 from .errors import UnknownModel
 from .metrics import Metrics
@@ -126,6 +126,8 @@ class Registry:
         self.ready = False
         self.error: str | None = None
         self.progress: list[str] = []
+        # every model call of the process, start-up included, runs on this one thread (one OpenMP team)
+        self.lane = ModelLane()
 
     # -- lookup --------------------------------------------------------------------------------
     def get(self, name: str | None, task: str) -> ServedModel:
@@ -143,7 +145,7 @@ class Registry:
 
     # -- start-up ------------------------------------------------------------------------------
     def build(self) -> None:
-        """Load, quantize and measure everything (blocking; run it off the event loop)."""
+        """Load, quantize and measure everything (blocking; run it on ``self.lane.executor``)."""
         if self.settings.threads:
             torch.set_num_threads(self.settings.threads)
         probes = eval_texts()[: self.settings.probe_texts]
@@ -273,7 +275,7 @@ class Registry:
         for served in self.models.values():
             for v in served.variants.values():
                 v.batcher = DynamicBatcher(f"{served.name}/{v.name}", _runner(served.adapter, v.module), config,
-                                           cost=len, on_batch=_observer(self.metrics, v))
+                                           cost=len, on_batch=_observer(self.metrics, v), lane=self.lane)
                 await v.batcher.start()
         self.ready = True
         self.metrics.ready.set(1)
@@ -285,6 +287,7 @@ class Registry:
             for v in served.variants.values():
                 if v.batcher is not None:
                     await v.batcher.stop(drain=True)
+        self.lane.shutdown()
 
 
 def _full_params(vc: VariantConfig) -> dict[str, Any]:

@@ -12,7 +12,7 @@ from typing import Any
 import torch
 
 from . import context
-from .batching import BatcherClosed, BatchResult, QueueFull
+from .batching import BatcherClosed, BatchResult, QueueFull, Shed
 from .errors import (ClientGone, DeadlineExceeded, InferenceFailed, InvalidInput, NotReady, Overloaded,
                      ServiceError, ShuttingDown)
 from .registry import Registry, ServedModel, Variant
@@ -147,7 +147,10 @@ class Serving:
         Agreement is stored on the quantized side of the pair: the variant that is not the baseline.
         """
         try:
-            other = await target.batcher.submit(items)
+            other = await target.batcher.submit(items, background=True)
+        except Shed:  # served traffic kept the model busy: expected under load, counted, not logged
+            self.metrics.shadow_shed.labels(served.name, served.config.task, variant.name).inc()
+            return
         except Exception:  # shadow traffic must never hurt served traffic
             log.warning("event=shadow_skipped model=%s variant=%s target=%s", served.name, variant.name, target.name)
             return

@@ -15,7 +15,7 @@ from typing import Any, Awaitable, Callable, TypeVar
 import pytest
 import torch
 
-from service.batching import BatchConfig, BatchResult, BatcherClosed, DynamicBatcher, QueueFull
+from service.batching import BatchConfig, BatchResult, BatcherClosed, DynamicBatcher, ModelLane, QueueFull
 
 T = TypeVar("T")
 
@@ -169,16 +169,29 @@ def test_a_request_after_a_quiet_spell_runs_at_once() -> None:
     assert res.queue_seconds < 0.03 and elapsed < 0.05
 
 
+def test_one_client_sending_back_to_back_never_waits_for_company() -> None:
+    """Each request comes well within max_wait of the previous one, but only after its answer: nobody joins."""
+    model = FakeModel(sleep_s=0.002)
+
+    async def body(b: DynamicBatcher) -> list[BatchResult]:
+        return [await b.submit([f"r{i}"]) for i in range(8)]
+
+    results = run_with(model, BatchConfig(max_batch_size=8, max_wait_ms=60), body)
+    assert all(r.batch_sizes == [1] and r.queue_seconds < 0.03 for r in results)
+
+
 def test_a_request_close_behind_another_waits_for_company() -> None:
-    """Requests arriving within max_wait of each other: the next one waits (up to max_wait) to be batched."""
+    """A request that arrives while another is in flight: clients overlap, so it waits (up to max_wait) for
+    company."""
     model = FakeModel(sleep_s=0.01)
 
     async def body(b: DynamicBatcher) -> list[BatchResult]:
-        first = await b.submit(["a"])  # alone: runs at once
-        second = asyncio.ensure_future(b.submit(["b"]))  # ~10 ms after the first: waits for company
+        first = asyncio.ensure_future(b.submit(["a"]))  # alone: runs at once
+        await asyncio.sleep(0.002)
+        second = asyncio.ensure_future(b.submit(["b"]))  # while the first runs: waits for company
         await asyncio.sleep(0.02)
         third = asyncio.ensure_future(b.submit(["c"]))
-        return [first, await second, await third]
+        return [await first, await second, await third]
 
     first, second, third = run_with(model, BatchConfig(max_batch_size=8, max_wait_ms=60), body)
     assert first.batch_sizes == [1] and first.queue_seconds < 0.03
@@ -439,3 +452,142 @@ def test_torch_batched_results_equal_one_by_one() -> None:
     assert len(batched) == 40 and max(sizes) > 1
     for a, b in zip(alone, batched):
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+
+
+# -- a lane shared by several batchers --------------------------------------------------------------
+
+def _lane_pair(body: Callable[..., Awaitable[T]], first: FakeModel, second: FakeModel,
+               config: BatchConfig = BatchConfig(max_batch_size=32, max_wait_ms=1)) -> T:
+    async def main() -> T:
+        lane = ModelLane("test-lane")
+        a = DynamicBatcher("m/a", first, config, lane=lane)
+        b = DynamicBatcher("m/b", second, config, lane=lane)
+        await a.start()
+        await b.start()
+        try:
+            return await body(a, b)
+        finally:
+            first.gate.set()
+            second.gate.set()
+            await a.stop(drain=True)
+            await b.stop(drain=True)
+            lane.shutdown()
+
+    return arun(main, first, second)
+
+
+def test_batchers_sharing_a_lane_run_one_batch_at_a_time_on_one_thread() -> None:
+    first, second = FakeModel(sleep_s=0.004), FakeModel(sleep_s=0.004)
+    running, overlap = [0], [0]
+
+    def counting(model: FakeModel):
+        def run(items: list[str]) -> list[str]:
+            running[0] += 1
+            overlap[0] = max(overlap[0], running[0])
+            try:
+                return model(items)
+            finally:
+                running[0] -= 1
+        return run
+
+    async def main() -> None:
+        lane = ModelLane("test-lane")
+        a = DynamicBatcher("m/a", counting(first), BatchConfig(max_batch_size=4, max_wait_ms=1), lane=lane)
+        b = DynamicBatcher("m/b", counting(second), BatchConfig(max_batch_size=4, max_wait_ms=1), lane=lane)
+        await a.start()
+        await b.start()
+        results = await asyncio.gather(*(x.submit([f"{x.name}-{i}"]) for i in range(20) for x in (a, b)))
+        await a.stop()
+        await b.stop()
+        lane.shutdown()
+        assert [r.outputs[0] for r in results] == [f"{x}-{i}".upper() for i in range(20) for x in ("m/a", "m/b")]
+
+    arun(main, first, second)
+    assert overlap[0] == 1
+    assert len(set(first.threads + second.threads)) == 1
+
+
+def test_a_batch_is_cut_when_the_lane_is_free_so_late_arrivals_join_it() -> None:
+    busy, other = FakeModel(gated=True), FakeModel()
+
+    async def body(a: DynamicBatcher, b: DynamicBatcher) -> list[list[str]]:
+        hold = asyncio.ensure_future(a.submit(["long"]))
+        await wait_until(busy.entered.is_set)  # the lane is busy with a's batch
+        waiting = [asyncio.ensure_future(b.submit([f"x{i}"])) for i in range(3)]
+        await asyncio.sleep(0.02)  # b's first request is well past max_wait: without a lane it would run alone
+        waiting += [asyncio.ensure_future(b.submit([f"y{i}"])) for i in range(3)]
+        await asyncio.sleep(0.01)
+        busy.gate.set()
+        await asyncio.gather(hold, *waiting)
+        return other.calls
+
+    calls = _lane_pair(body, busy, other)
+    assert calls == [["x0", "x1", "x2", "y0", "y1", "y2"]]
+
+
+def test_background_work_yields_the_lane_to_foreground_batches() -> None:
+    busy, shadowed, served = FakeModel(gated=True), FakeModel(), FakeModel()
+    order: list[str] = []
+
+    async def main() -> None:
+        lane = ModelLane("test-lane")
+        config = BatchConfig(max_batch_size=32, max_wait_ms=1)
+        batchers = [DynamicBatcher(n, m, config, lane=lane) for n, m in
+                    (("m/busy", busy), ("m/fp32", shadowed), ("m/int8", served))]
+        for b in batchers:
+            await b.start()
+        hold = asyncio.ensure_future(batchers[0].submit(["hold"]))
+        await wait_until(busy.entered.is_set)
+        shadow = asyncio.ensure_future(batchers[1].submit(["s"], background=True))
+        shadow.add_done_callback(lambda _: order.append("shadow"))
+        await asyncio.sleep(0.01)  # the shadow batch waits first ...
+        fg = asyncio.ensure_future(batchers[2].submit(["f"]))
+        fg.add_done_callback(lambda _: order.append("foreground"))
+        await asyncio.sleep(0.01)
+        busy.gate.set()
+        await asyncio.gather(hold, shadow, fg)
+        for b in batchers:
+            await b.stop()
+        lane.shutdown()
+
+    arun(main, busy, shadowed, served)
+    assert order == ["foreground", "shadow"]  # ... but the waiting client's batch runs first
+
+
+def test_a_cancelled_lane_waiter_does_not_block_the_lane() -> None:
+    async def main() -> None:
+        lane = ModelLane("test-lane")
+        await lane.acquire()
+        waiter = asyncio.ensure_future(lane.acquire())
+        later = asyncio.ensure_future(lane.acquire())
+        await asyncio.sleep(0)
+        waiter.cancel()
+        lane.release()
+        await asyncio.wait_for(later, 1)  # the lane went to the live waiter
+        lane.release()
+        await asyncio.wait_for(lane.acquire(), 1)  # and is free again afterwards
+        lane.release()
+        lane.shutdown()
+
+    arun(main)
+
+
+def test_background_work_that_waited_too_long_for_the_lane_is_shed_not_run(monkeypatch) -> None:
+    import service.batching as batching
+
+    monkeypatch.setattr(batching, "BACKGROUND_PATIENCE_S", 0.05)
+    busy, shadowed = FakeModel(gated=True), FakeModel()
+
+    async def body(a: DynamicBatcher, b: DynamicBatcher) -> None:
+        hold = asyncio.ensure_future(a.submit(["hold"]))
+        await wait_until(busy.entered.is_set)
+        shadow = asyncio.ensure_future(b.submit(["s"], background=True))
+        await asyncio.sleep(0.1)  # longer than the patience, behind a foreground batch
+        busy.gate.set()
+        await hold
+        with pytest.raises(batching.Shed):
+            await shadow
+        assert (await b.submit(["fresh"], background=True)).outputs == ["FRESH"]  # an idle lane runs it
+
+    _lane_pair(body, busy, shadowed)
+    assert shadowed.ran == ["fresh"]
