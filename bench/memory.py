@@ -27,7 +27,7 @@ import httpx  # noqa: E402
 import yaml  # noqa: E402
 
 from bench.results import machine_summary, publish  # noqa: E402
-from bench.serving import free_port, stop, wait_ready  # noqa: E402
+from bench.live import ServiceProcess  # noqa: E402
 from quantization.pipeline import eval_texts  # noqa: E402
 
 K8S = ROOT / "deploy" / "k8s"
@@ -79,20 +79,16 @@ def measure(name: str, config: Path, requests_per_client: int) -> dict:
         artifacts = Path(tmp) / "artifacts"
         subprocess.run([sys.executable, "-m", "service.prebuild", "--config", str(config), "--artifacts-dir",
                         str(artifacts)], cwd=ROOT, check=True, capture_output=True)
-        port, log = free_port(), Path(tmp) / "service.log"
-        with log.open("w") as out:
-            proc = subprocess.Popen([sys.executable, "-m", "service", "--config", str(config), "--port", str(port),
-                                     "--artifacts-dir", str(artifacts), "--log-level", "warning"],
-                                    cwd=ROOT, stdout=out, stderr=subprocess.STDOUT)
+        service = ServiceProcess("--config", str(config), "--artifacts-dir", str(artifacts), "--log-level", "warning",
+                                 log=Path(tmp) / "service.log")
         try:
-            url = f"http://127.0.0.1:{port}"
-            ready_s = wait_ready(url, proc, log)
+            ready_s = service.wait_ready()
             time.sleep(2)
-            idle = proc_status(proc.pid)["VmRSS"]
-            sent = load(url, config, requests_per_client)
-            after = proc_status(proc.pid)
+            idle = proc_status(service.proc.pid)["VmRSS"]
+            sent = load(service.url, config, requests_per_client)
+            after = proc_status(service.proc.pid)
         finally:
-            stop(proc)
+            service.stop()
     row = {"config": name, "file": str(config.relative_to(ROOT)), "ready_seconds": round(ready_s, 1),
            "idle_rss_bytes": idle, "loaded_rss_bytes": after["VmRSS"], "peak_rss_bytes": after["VmHWM"],
            "requests": sent, "inputs_per_request": BATCH}

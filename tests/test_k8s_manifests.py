@@ -119,18 +119,20 @@ def test_config_maps_hold_configs_the_service_accepts_with_the_right_variants(re
         path = tmp_path / "models.yaml"
         path.write_text(pod_config(rendered[overlay], deployment))
         settings = load_settings(path)  # raises ConfigError on anything the service would refuse
-        return {m.name: [v.strategy for v in m.variants] for m in settings.models}
+        return {m.name: [v.strategy + ("+compile" if v.compile else "") for v in m.variants] for m in settings.models}
 
     (base,) = of_kind(rendered["base"], "Deployment")
     default = load_settings()  # the base serves the built-in embed and classify models (translation is opt-in)
-    assert strategies("base", base) == {m.name: [v.strategy for v in m.variants] for m in default.models
-                                        if m.task in ("embed", "classify")}
+    assert strategies("base", base) == {m.name: [v.strategy + ("+compile" if v.compile else "") for v in m.variants]
+                                        for m in default.models if m.task in ("embed", "classify")}
+    # the int8 routes run compiled, as in the default config (the image ships their kernels)
+    int8 = {"minilm": ["dynamic-int8+compile"], "intent": ["dynamic-int8+compile"]}
     (lean,) = of_kind(rendered["int8-only"], "Deployment")
-    assert strategies("int8-only", lean) == {"minilm": ["dynamic-int8"], "intent": ["dynamic-int8"]}
+    assert strategies("int8-only", lean) == int8
     by_variant = {d["spec"]["template"]["metadata"]["labels"]["quantserve.io/variant"]: d
                   for d in of_kind(rendered["ab"], "Deployment")}
     assert strategies("ab", by_variant["fp32"]) == {"minilm": ["fp32"], "intent": ["fp32"]}
-    assert strategies("ab", by_variant["int8"]) == {"minilm": ["dynamic-int8"], "intent": ["dynamic-int8"]}
+    assert strategies("ab", by_variant["int8"]) == int8
 
 
 def test_ab_puts_two_variant_deployments_behind_one_service(rendered):

@@ -10,11 +10,12 @@ from ..registry import Registry
 from ..serving import Serving
 
 
-def get_registry(request: Request) -> Registry:
+# async: FastAPI runs a plain-def dependency in its thread pool, a thread hop per request for a lookup
+async def get_registry(request: Request) -> Registry:
     return request.app.state.registry
 
 
-def get_serving(request: Request) -> Serving:
+async def get_serving(request: Request) -> Serving:
     return request.app.state.serving
 
 
