@@ -10,6 +10,7 @@ FP32 baseline on a built-in probe set. Ready only when all of that is done.
 from __future__ import annotations
 
 import collections
+import gc
 import logging
 import time
 from dataclasses import dataclass, field
@@ -177,6 +178,19 @@ class Registry:
                 raise StartupError(f"model {mc.name!r}: none of its variants could be built; fix the first: "
                                    f"{next(iter(served.router.unavailable.values()))}")
             self.models[mc.name] = served
+        self._freeze_startup_objects()
+
+    def _freeze_startup_objects(self) -> None:
+        """Move everything start-up made out of the cyclic garbage collector's sight.
+
+        The built models leave ~750,000 tracked objects (modules, compiled graphs and their guards)
+        that live as long as the process; every full collection walked them all, ~0.5 s on 2 cores
+        during which no request in flight made progress (the p99 at 32 clients). Objects frozen here
+        are still freed by reference counting; only cycles among them would never be collected.
+        """
+        gc.collect()
+        gc.freeze()
+        self._say(f"event=startup_objects_frozen objects={gc.get_freeze_count()}")
 
     def _say(self, message: str) -> None:
         self.progress.append(message)
