@@ -37,9 +37,8 @@ CACHE_ENV = "TORCHINDUCTOR_CACHE_DIR"
 RECOMPILE_LIMIT = 64
 # With dynamic=True dynamo also makes float attributes of modules symbolic (nn.Embedding's norm_type,
 # LayerNorm's eps); one of them then forces a restart of the whole analysis after the graph was already
-# traced and lowered once. Specialising floats up front traces each graph once: a warm-cache compile of
-# MiniLM int8 took 32 s of which 25 s was the discarded first attempt, and 6.4 s without it.
-SPECIALIZE_FLOAT = True
+# traced and lowered once. Specialising floats up front (compile_module) traces each graph once: a warm-cache
+# compile of MiniLM int8 took 32 s of which 25 s was the discarded first attempt, and 6.4 s without it.
 
 
 def compiler_problem() -> str | None:
@@ -88,7 +87,7 @@ def compile_module(module: nn.Module) -> nn.Module:
     import torch._dynamo.config as dynamo_config
 
     dynamo_config.recompile_limit = max(dynamo_config.recompile_limit, RECOMPILE_LIMIT)
-    dynamo_config.specialize_float = SPECIALIZE_FLOAT
+    dynamo_config.specialize_float = True
     return torch.compile(module, dynamic=True)
 
 

@@ -1,8 +1,8 @@
 """Fine-tune MiniLM plus a 2-class head on the movie-review snippets, in FP32 or quantization-aware.
 
 :func:`train_classifier` is the one training loop (AdamW, linear warm-up and decay, fixed seed,
-early stopping on dev accuracy, or, when distilling a teacher, on dev agreement with the teacher); :func:`finetune_sentiment` trains the FP32 model and saves it
-as a model directory, :func:`qat_sentiment` fine-tunes that model again with fake-quantized
+early stopping on dev accuracy, or on dev agreement with the teacher when distilling one);
+:func:`finetune_sentiment` trains the FP32 model and saves it as a model directory, :func:`qat_sentiment` fine-tunes that model again with fake-quantized
 int8 weights and activations (:mod:`quantization.qat`) and saves the converted int8 model as a
 ``qat-int8`` artifact inside the same directory.
 
@@ -145,11 +145,12 @@ def train_classifier(tm: TaskModel, module: nn.Module, train: list[Example], dev
     history: list[dict[str, float]] = []
     start = time.perf_counter()
 
+    selected_by = "dev accuracy" if teacher is None else "dev agreement with the teacher"
+
     def result(**kw: Any) -> tuple[nn.Module, TrainResult]:
         return best.eval(), TrainResult(best_row["dev_accuracy"], best_row["step"], step, time.perf_counter() - start,
-                                        history, selected_by="dev accuracy" if teacher is None else
-                                        "dev agreement with the teacher", best_dev_agreement=best_row.get(
-                                            "dev_agreement"), **kw)
+                                        history, selected_by=selected_by,
+                                        best_dev_agreement=best_row.get("dev_agreement"), **kw)
 
     if not cfg.dropout:
         for m in module.modules():

@@ -146,18 +146,18 @@ class Serving:
 
         Agreement is stored on the quantized side of the pair: the variant that is not the baseline.
         """
+        task = served.config.task
+        subject = target if variant.name == served.config.baseline else variant
+        labels = (served.name, task, subject.name)
         try:
             other = await target.batcher.submit(items, background=True)
         except Shed:  # served traffic kept the model busy: expected under load, counted, not logged
-            self.metrics.shadow_shed.labels(served.name, served.config.task, variant.name).inc()
+            self.metrics.shadow_shed.labels(*labels).inc()
             return
         except Exception:  # shadow traffic must never hurt served traffic
             log.warning("event=shadow_skipped model=%s variant=%s target=%s", served.name, variant.name, target.name)
             return
-        task = served.config.task
-        baseline = served.config.baseline
-        subject, ref, out = (target, outputs, other.outputs) if variant.name == baseline else (variant, other.outputs, outputs)
-        labels = (served.name, task, subject.name)
+        ref, out = (outputs, other.outputs) if subject is target else (other.outputs, outputs)
         for r, o in zip(ref, out):
             subject.shadow["n"] += 1
             subject.shadow["sum"] += TaskAdapter.per_input_agreement(task, r, o)
