@@ -3,7 +3,7 @@
     .venv/bin/python bench/serving.py            # full run, rewrites its section of bench/RESULTS.md
     .venv/bin/python bench/serving.py --quick    # shorter runs, prints only
 
-Starts ``python -m service`` (default config) on a free port, and C = 1, 8, 32 asyncio clients
+Starts ``python -m service`` (default config) on a free port, and C = 1, 8, 32 clients (bench/loadgen.py)
 each send one-sentence requests back to back (``quantization.pipeline.eval_texts()`` in rotation)
 for a fixed time after a warm-up, per model and pinned variant. The same variants are built in
 this process and timed directly (``adapter.run``), before and after the HTTP runs, as baselines:
@@ -22,12 +22,13 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-import argparse, asyncio, contextlib, itertools, os, re, signal, statistics, subprocess, tempfile, time  # noqa: E401,E402
+import argparse, contextlib, os, re, signal, statistics, subprocess, tempfile, time  # noqa: E401,E402
 from collections import Counter  # noqa: E402
 from typing import Any  # noqa: E402
 
 import httpx  # noqa: E402
 
+from bench import loadgen  # noqa: E402
 from bench.live import ServiceProcess, free_port, poll_until_ok, stop  # noqa: E402
 from bench.results import machine_summary, publish  # noqa: E402
 from quantization.pipeline import eval_texts  # noqa: E402
@@ -66,38 +67,6 @@ def in_process(registry: Any, texts: list[str], rounds: int) -> dict[tuple[str, 
     return out
 
 
-async def closed_loop(client: httpx.AsyncClient, path: str, variant: str | None, texts: list[str], clients: int,
-                      seconds: float) -> tuple[list[float], Counter, float]:
-    """``clients`` workers send one-sentence requests back to back until ``seconds`` have passed.
-
-    Returns the latencies of 200 answers, a count of everything else by status or exception, and
-    the elapsed time until the last worker finished.
-    """
-    latencies: list[float] = []
-    errors: Counter = Counter()
-    turn = itertools.count()
-    deadline = time.perf_counter() + seconds
-
-    async def worker() -> None:
-        while time.perf_counter() < deadline:
-            text = texts[next(turn) % len(texts)]
-            body = {"inputs": [text], "variant": variant} if variant is not None else {"input": text}  # the peer
-            t = time.perf_counter()
-            try:
-                r = await client.post(path, json=body)
-            except httpx.HTTPError as exc:
-                errors[type(exc).__name__] += 1
-                continue
-            if r.status_code == 200:
-                latencies.append(time.perf_counter() - t)
-            else:
-                errors[str(r.status_code)] += 1
-
-    start = time.perf_counter()
-    await asyncio.gather(*(worker() for _ in range(clients)))
-    return latencies, errors, time.perf_counter() - start
-
-
 def server_stats(url: str, model: str, variant: str) -> dict[str, float]:
     """Sums and counts of the service's batch-size and queue-time histograms for one variant (/metrics)."""
     got: dict[str, float] = Counter()
@@ -108,61 +77,59 @@ def server_stats(url: str, model: str, variant: str) -> dict[str, float]:
     return got
 
 
-def _client(url: str) -> httpx.AsyncClient:
-    limits = httpx.Limits(max_connections=max(CONCURRENCY), max_keepalive_connections=max(CONCURRENCY))
-    return httpx.AsyncClient(base_url=url, timeout=60, limits=limits)
+def _requests(port: int, path: str, variant: str | None, texts: list[str]) -> list[bytes]:
+    """One encoded request per text: our API's body, or the peer's ({"input": text}) when variant is None."""
+    bodies = [{"inputs": [t], "variant": variant} if variant is not None else {"input": t} for t in texts]
+    return loadgen.encode("127.0.0.1", port, path, bodies)
 
 
-async def timed(client: httpx.AsyncClient, path: str, variant: str | None, texts: list[str], clients: int,
-                seconds: float) -> dict[str, Any]:
+def timed(port: int, requests: list[bytes], clients: int, seconds: float) -> dict[str, Any]:
     """One timed closed loop (after the caller's warm-up): the client's side of a row."""
-    cpu = time.process_time()
-    lat, errors, elapsed = await closed_loop(client, path, variant, texts, clients, seconds)
-    cpu = time.process_time() - cpu
-    xs = sorted(lat)
+    out = loadgen.run(loadgen.closed_loop("127.0.0.1", port, requests, clients, seconds))
+    xs = sorted(out.latencies)
     pick = lambda q: 1000 * xs[min(len(xs) - 1, int(q * len(xs)))] if xs else float("nan")  # noqa: E731
-    return {"clients": clients, "requests": len(lat), "p50_ms": pick(0.50), "p99_ms": pick(0.99),
-            "per_s": len(lat) / elapsed, "errors": sum(errors.values()), "error_kinds": dict(errors),
-            "client_cpu_share": cpu / elapsed, "seconds": elapsed}
+    return {"clients": clients, "requests": len(xs), "p50_ms": pick(0.50), "p99_ms": pick(0.99),
+            "per_s": len(xs) / out.elapsed, "errors": sum(out.errors.values()), "error_kinds": dict(out.errors),
+            "client_cpu_share": out.cpu_s / out.elapsed, "seconds": out.elapsed}
 
 
-async def load(url: str, texts: list[str], seconds: float, warmup: float) -> list[dict[str, Any]]:
+def load(url: str, port: int, texts: list[str], seconds: float, warmup: float) -> list[dict[str, Any]]:
     """Every model x variant x concurrency in turn: p50/p99 latency, throughput, errors, mean batch."""
     rows = []
-    async with _client(url) as client:
-        for model, path in MODELS.items():
-            for variant in VARIANTS:
-                r = await client.post(path, json={"inputs": [texts[0]], "variant": variant})
-                if r.status_code != 200 or r.json()["variant"] != variant or len(r.json()["results"]) != 1:
-                    raise RuntimeError(f"{path} {variant}: unexpected answer {r.status_code} {r.text[:300]}")
-                for c in CONCURRENCY:
-                    print(f"load: {model} {variant} c={c} ...", file=sys.stderr)
-                    await closed_loop(client, path, variant, texts, c, warmup)
-                    before = server_stats(url, model, variant)
-                    row = await timed(client, path, variant, texts, c, seconds)
-                    d = {k: v - before[k] for k, v in server_stats(url, model, variant).items()}
-                    n, queued = d["batch_size_count"], d["queue_duration_seconds_count"]
-                    rows.append({"model": model, "variant": variant, **row,
-                                 "mean_batch": d["batch_size_sum"] / n if n else None,
-                                 "mean_queue_ms": 1000 * d["queue_duration_seconds_sum"] / queued if queued else None})
+    for model, path in MODELS.items():
+        for variant in VARIANTS:
+            r = httpx.post(f"{url}{path}", json={"inputs": [texts[0]], "variant": variant}, timeout=60)
+            if r.status_code != 200 or r.json()["variant"] != variant or len(r.json()["results"]) != 1:
+                raise RuntimeError(f"{path} {variant}: unexpected answer {r.status_code} {r.text[:300]}")
+            requests = _requests(port, path, variant, texts)
+            for c in CONCURRENCY:
+                print(f"load: {model} {variant} c={c} ...", file=sys.stderr)
+                timed(port, requests, c, warmup)
+                before = server_stats(url, model, variant)
+                row = timed(port, requests, c, seconds)
+                d = {k: v - before[k] for k, v in server_stats(url, model, variant).items()}
+                n, queued = d["batch_size_count"], d["queue_duration_seconds_count"]
+                rows.append({"model": model, "variant": variant, **row,
+                             "mean_batch": d["batch_size_sum"] / n if n else None,
+                             "mean_queue_ms": 1000 * d["queue_duration_seconds_sum"] / queued if queued else None})
     return rows
 
 
 PEER = "int8 via LitServe"
 
 
-async def peer_load(url: str, texts: list[str], seconds: float, warmup: float) -> list[dict[str, Any]]:
+def peer_load(url: str, port: int, texts: list[str], seconds: float, warmup: float) -> list[dict[str, Any]]:
     """LitServe at every concurrency: the same closed loop against its POST /predict."""
     rows = []
-    async with _client(url) as client:
-        r = await client.post("/predict", json={"input": texts[0]})
-        if r.status_code != 200 or len(r.json()["embedding"]) != 384:
-            raise RuntimeError(f"LitServe: unexpected answer {r.status_code} {r.text[:300]}")
-        for c in CONCURRENCY:
-            print(f"load: LitServe c={c} ...", file=sys.stderr)
-            await closed_loop(client, "/predict", None, texts, c, warmup)
-            rows.append({"model": "minilm", "variant": PEER, **await timed(client, "/predict", None, texts, c, seconds),
-                         "mean_batch": None, "mean_queue_ms": None})
+    r = httpx.post(f"{url}/predict", json={"input": texts[0]}, timeout=60)
+    if r.status_code != 200 or len(r.json()["embedding"]) != 384:
+        raise RuntimeError(f"LitServe: unexpected answer {r.status_code} {r.text[:300]}")
+    requests = _requests(port, "/predict", None, texts)
+    for c in CONCURRENCY:
+        print(f"load: LitServe c={c} ...", file=sys.stderr)
+        timed(port, requests, c, warmup)
+        rows.append({"model": "minilm", "variant": PEER, **timed(port, requests, c, seconds),
+                     "mean_batch": None, "mean_queue_ms": None})
     return rows
 
 
@@ -176,7 +143,7 @@ def run_peer(texts: list[str], seconds: float, warmup: float) -> list[dict[str, 
             poll_until_ok(f"http://127.0.0.1:{port}/health", 900,
                           alive=lambda: f"LitServe exited ({proc.returncode})" if proc.poll() is not None else None,
                           tail=lambda: Path(log.name).read_text(errors="replace")[-3000:])
-            return asyncio.run(peer_load(f"http://127.0.0.1:{port}", texts, seconds, warmup))
+            return peer_load(f"http://127.0.0.1:{port}", port, texts, seconds, warmup)
         finally:
             stop(proc)
             with contextlib.suppress(ProcessLookupError):
@@ -200,7 +167,7 @@ def main() -> int:
         ready_s = service.wait_ready()
         print("timing in-process baselines ...", file=sys.stderr)
         base = in_process(app.state.registry, texts, rounds)
-        rows = asyncio.run(load(url, texts, seconds, warmup))
+        rows = load(url, service.port, texts, seconds, warmup)
         service.stop()
         print("starting the LitServe peer ...", file=sys.stderr)
         rows += run_peer(texts, seconds, warmup)
@@ -237,7 +204,7 @@ def render(result: dict[str, Any]) -> str:
         "",
         f"Measured {result['date']} on {result['machine']} with `{result['command']}`. "
         f"The service (`python -m service`, default config: dynamic batching up to 32 inputs / 5 ms, 5% shadow "
-        f"traffic) runs in its own process; C closed-loop clients (asyncio + httpx, on the same machine) each send "
+        f"traffic) runs in its own process; C closed-loop clients (`bench/loadgen.py`: one keep-alive connection each, on the same machine) each send "
         f"one-sentence requests back to back for {result['seconds']:.0f} s after a {result['warmup']:.0f} s warm-up, "
         f"cycling through the {result['texts']} evaluation sentences; latency is per request at the client, "
         "requests/s equals sentences/s, and the baselines are the same variants called in-process "
