@@ -194,3 +194,30 @@ def test_shadow_traffic_records_agreement_off_the_response_path(server):
               if f.name == "quantserve_fidelity" for s in f.samples
               if s.labels["source"] == "shadow" and s.labels["model"] == "minilm"]
     assert metric and metric[0].labels["variant"] == "int8" and metric[0].value > 0.99
+
+
+def test_request_tokenizing_and_embedding_output_match_the_library_paths(minilm, texts):
+    """The request path tokenizes with the Rust core and normalises with numpy; same ids, same vectors."""
+    from service.tasks import TaskAdapter
+
+    adapter = TaskAdapter(minilm, max_tokens=32)
+    assert adapter._fast is not None
+    inputs = texts[:40] + ["", "ünïcödé  文字 🙂 naïve café", "word " * 100, texts[3] * 4]
+    for truncation in ("truncate", "error"):
+        want = minilm.tokenizer(inputs, truncation=True, max_length=33)["input_ids"]
+        over = [i for i, ids in enumerate(want) if len(ids) > 32]
+        assert len(over) >= 2  # the limit is exercised
+        if truncation == "error":
+            with pytest.raises(Exception, match="longer than the model's limit of 32 tokens"):
+                adapter.encode(inputs, truncation)
+            continue
+        enc = adapter.encode(inputs, truncation)
+        cut = minilm.tokenizer([inputs[i] for i in over], truncation=True, max_length=32)["input_ids"]
+        for i, ids in zip(over, cut):
+            want[i] = ids
+        assert enc.items == want and enc.truncated == over
+        assert [adapter.encode([text]).items[0] for text in inputs] == want  # one text per call takes another branch
+    vector = torch.randn(384) * 3
+    for normalize in (True, False):
+        got = torch.tensor(TaskAdapter.embedding(vector, normalize))
+        assert torch.allclose(got, F.normalize(vector, dim=0) if normalize else vector, atol=1e-7)
