@@ -31,7 +31,7 @@ class EmbedAPI(ls.LitAPI):
         self.variant, self.compile, self.threads = variant, compile, threads
 
     def setup(self, device) -> None:
-        from quantization.compiled import compile_module, warm_up
+        from quantization.compiled import Settled, compile_module, warm_up
         from quantization.models import load_task_model
         from quantization.pipeline import eval_texts, quantize_model
 
@@ -40,6 +40,8 @@ class EmbedAPI(ls.LitAPI):
         module = self.tm.module if self.variant == "fp32" else quantize_model(self.tm, "dynamic-int8").module
         self.module = compile_module(module) if self.compile else module
         warm_up(self._embed, eval_texts()[:4])
+        if self.compile:
+            self.module = Settled(self.module)  # as the service serves it
 
     @torch.inference_mode()
     def _embed(self, texts: list[str]) -> torch.Tensor:

@@ -21,7 +21,7 @@ import psutil
 import torch
 
 from quantization.artifacts import load_artifact, read_manifest, save_artifact
-from quantization.compiled import compile_module, compiler_problem, is_compiled, use_cache_dir, warm_up
+from quantization.compiled import Settled, compile_module, compiler_problem, is_compiled, use_cache_dir, warm_up
 from quantization.errors import ArtifactError, QuantizationError
 from quantization.models import TaskModel, load_task_model
 from quantization.pipeline import eval_texts, quantize_model
@@ -280,7 +280,7 @@ class Registry:
         start = time.perf_counter()
         compiled = compile_module(module)
         warm_up(lambda items: served.adapter.run(compiled, items), probe_items)
-        return compiled, time.perf_counter() - start, None
+        return Settled(compiled), time.perf_counter() - start, None
 
     async def start_batchers(self) -> None:
         b = self.settings.batching

@@ -9,7 +9,7 @@ import httpx
 import torch
 import torch._dynamo
 
-from quantization.compiled import compile_module, compiler_problem, is_compiled, original, warm_up
+from quantization.compiled import Settled, compile_module, compiler_problem, is_compiled, original, warm_up
 from quantization.fidelity import fidelity
 from quantization.pipeline import quantize_model
 from service.metrics import Metrics
@@ -50,6 +50,27 @@ def test_compiled_int8_matches_eager_int8_on_every_batch_shape_without_recompili
             # ... and as faithful to FP32 as the served int8 variant must be
             fid = fidelity("embed", minilm.run(None, batch), out)
             assert fid["mean_cosine"] >= 0.995 and fid["min_cosine"] >= 0.98, fid
+
+
+def test_settled_modules_skip_guards_yet_run_their_own_graph_for_every_shape(minilm, texts):
+    # two compiled instances of one class share dynamo's cache (same code object): with guards skipped, the
+    # checks that remain must still pick the instance and the shape class (batch of one or not)
+    first, second = quantize_model(minilm, "dynamic-int8").module, quantize_model(minilm, "dynamic-int8").module
+    with torch.no_grad():  # same graph, other outputs (the int8 layers' own buffers; LayerNorms are shared with FP32)
+        for layer in second.model.encoder.layer:
+            layer.output.dense.weight_scale.mul_(1.5)
+    compiled = [compile_module(m) for m in (first, second)]
+    for c in compiled:
+        warm_up(lambda batch: minilm.run(c, batch), texts[:1])  # one item still compiles both shape classes
+    settled = [Settled(c) for c in compiled]
+    assert all(is_compiled(s) and original(s) is m for s, m in zip(settled, (first, second)))
+    with torch._dynamo.config.patch(error_on_recompile=True):
+        for batch in (texts[:1], texts[2:9], texts[9:10], texts[10:12]):
+            want = [minilm.run(c, batch) for c in compiled]
+            got = [minilm.run(s, batch) for s in settled]
+            for w, g in zip(want, got):
+                assert all(torch.equal(a, b) for a, b in zip(w, g))  # the very same graph ran
+            assert fidelity("embed", got[0], got[1])["mean_cosine"] < 0.99  # and each instance its own
 
 
 def test_the_service_serves_the_compiled_variant_and_says_so(minilm, texts, tmp_path):
