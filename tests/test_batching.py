@@ -591,3 +591,33 @@ def test_background_work_that_waited_too_long_for_the_lane_is_shed_not_run(monke
 
     _lane_pair(body, busy, shadowed)
     assert shadowed.ran == ["fresh"]
+
+
+def test_background_work_gathers_into_batches_before_it_takes_the_lane(monkeypatch) -> None:
+    import service.batching as batching
+
+    monkeypatch.setattr(batching, "BACKGROUND_PATIENCE_S", 0.4)
+    served, shadowed = FakeModel(), FakeModel()
+
+    async def body(a: DynamicBatcher, b: DynamicBatcher) -> None:
+        start = time.perf_counter()
+        trickle = []
+        for i in range(3):  # shadow samples trickle in while clients are served
+            trickle.append(asyncio.ensure_future(b.submit([f"s{i}"], background=True)))
+            assert (await a.submit([f"f{i}"])).outputs == [f"F{i}"]  # a client never waits for them
+            await asyncio.sleep(0.01)
+        assert shadowed.calls == []  # still gathering
+        await asyncio.gather(*trickle)
+        assert 0.19 <= time.perf_counter() - start < 0.4  # run together after half the patience, not shed
+        full = [asyncio.ensure_future(b.submit([f"t{i}"], background=True)) for i in range(batching.BACKGROUND_BATCH)]
+        start = time.perf_counter()
+        await asyncio.gather(*full)
+        assert time.perf_counter() - start < 0.15  # a full background batch goes at once
+        # foreground work queued on the same batcher takes the background items with it, without holding
+        mixed = [asyncio.ensure_future(b.submit(["u"], background=True)), asyncio.ensure_future(b.submit(["v"]))]
+        start = time.perf_counter()
+        await asyncio.gather(*mixed)
+        assert time.perf_counter() - start < 0.15
+
+    _lane_pair(body, served, shadowed)
+    assert shadowed.calls == [["s0", "s1", "s2"], [f"t{i}" for i in range(8)], ["u", "v"]]
