@@ -10,8 +10,8 @@ this process and timed directly (``adapter.run``), before and after the HTTP run
 one sentence per call (for HTTP overhead at C=1) and batches of 32 (for batching efficiency at C=32).
 
 The peer: LitServe serving the same MiniLM int8 variant (built by our library the same way; see
-bench/litserve_peer.py) with its own batching (32 inputs / 5 ms), driven by the same load
-generator at the same concurrencies in the same run, after our service has stopped.
+bench/litserve_peer.py) with its own batching, set as the service's default (inputs per batch,
+wait), driven by the same load generator at the same concurrencies in the same run, after our service has stopped.
 """
 
 from __future__ import annotations
@@ -137,7 +137,10 @@ def run_peer(texts: list[str], seconds: float, warmup: float) -> list[dict[str, 
     port = free_port()
     with tempfile.NamedTemporaryFile("w+", prefix="litserve-", suffix=".log") as log:
         # its own process group: LitServe spawns inference workers that outlive a SIGTERM to the server alone
-        proc = subprocess.Popen([sys.executable, str(ROOT / "bench" / "litserve_peer.py"), "--port", str(port)],
+        batching = load_settings().batching  # the peer batches as the service's default config does
+        proc = subprocess.Popen([sys.executable, str(ROOT / "bench" / "litserve_peer.py"), "--port", str(port),
+                                 "--max-batch-size", str(batching.max_batch_size),
+                                 "--batch-timeout-ms", str(batching.max_wait_ms)],
                                 cwd=ROOT, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
         try:
             poll_until_ok(f"http://127.0.0.1:{port}/health", 900,
@@ -185,7 +188,8 @@ def main() -> int:
         r["overhead_x"] = r["p50_ms"] / b["single_ms"] if r["clients"] == 1 else None
         r["batched_x"] = r["per_s"] / b["batched_per_s"] if r["clients"] == BATCH else None
     result = {"date": started, "machine": machine_summary(), "texts": len(texts), "seconds": seconds,
-              "warmup": warmup, "service_ready_s": ready_s, "baselines": baselines, "rows": rows,
+              "warmup": warmup, "service_ready_s": ready_s, "batching": load_settings().batching.model_dump(),
+              "baselines": baselines, "rows": rows,
               "command": "bench/serving.py" + (" --quick" if args.quick else ""),
               "wall_s": time.perf_counter() - t0}
     table = render(result)
@@ -199,11 +203,12 @@ def main() -> int:
 
 def render(result: dict[str, Any]) -> str:
     """The markdown section: one table per model, with its in-process baselines under it."""
+    batching = f"{result['batching']['max_batch_size']} inputs / {result['batching']['max_wait_ms']:g} ms"
     lines = [
         "## HTTP serving",
         "",
         f"Measured {result['date']} on {result['machine']} with `{result['command']}`. "
-        f"The service (`python -m service`, default config: dynamic batching up to 32 inputs / 5 ms, 5% shadow "
+        f"The service (`python -m service`, default config: dynamic batching up to {batching}, 5% shadow "
         f"traffic) runs in its own process; C closed-loop clients (`bench/loadgen.py`: one keep-alive connection each, on the same machine) each send "
         f"one-sentence requests back to back for {result['seconds']:.0f} s after a {result['warmup']:.0f} s warm-up, "
         f"cycling through the {result['texts']} evaluation sentences; latency is per request at the client, "
@@ -231,7 +236,7 @@ def render(result: dict[str, Any]) -> str:
     peer = {r["clients"]: r for r in result["rows"] if r["variant"] == PEER}
     if peer:
         lines += ["", "The peer: LitServe 0.2 serving the same `minilm` int8 variant (same library build, compiled) with "
-                  "its own batching (32 inputs / 5 ms, one inference worker), same load generator, same run "
+                  f"its own batching (the same {batching}, one inference worker), same load generator, same run "
                   "(`bench/litserve_peer.py`, `POST /predict`):", "",
                   "| clients | LitServe p50 ms | LitServe p99 ms | LitServe requests/s | ours requests/s x LitServe | "
                   "ours p99 x LitServe |", "|---|---|---|---|---|---|"]

@@ -118,7 +118,7 @@ class ModelConfig(_Strict):
 
 
 class BatchingConfig(_Strict):
-    max_batch_size: int = Field(32, ge=1, le=1024)
+    max_batch_size: int = Field(16, ge=1, le=1024)
     max_wait_ms: float = Field(5.0, ge=0.0, le=1000.0, description="how long a request that arrives within "
                                "max_wait_ms of the previous one waits for company; one after a quiet spell runs at once")
     max_batch_tokens: int = Field(8192, ge=16)
