@@ -102,6 +102,10 @@ class Settled(nn.Module):
     need exists, ``skip_guard_eval_unsafe`` keeps only the guards that differ between cached graphs
     (batch size 1 or not; which instance), so the right graph still runs.
 
+    An input no cached graph fits (one warm-up did not foresee: tensors made outside inference mode,
+    another dtype) makes dynamo refuse under that stance; the call then runs with every guard, which
+    compiles the graph it needs, and is counted in ``late_compiles``.
+
     The stance is process-wide while a call runs: serve every compiled module from one thread (the
     service's model lane) and never call this one inside another compiled region.
     """
@@ -109,10 +113,17 @@ class Settled(nn.Module):
     def __init__(self, compiled: nn.Module) -> None:
         super().__init__()
         self.compiled = compiled
+        self.late_compiles = 0
 
     def forward(self, *args: Any, **kwargs: Any) -> Any:
-        with torch.compiler.set_stance("default", skip_guard_eval_unsafe=True):
-            return self.compiled(*args, **kwargs)
+        try:
+            with torch.compiler.set_stance("default", skip_guard_eval_unsafe=True):
+                return self.compiled(*args, **kwargs)
+        except RuntimeError as exc:
+            if "skip_guard_eval_unsafe" not in str(exc):
+                raise
+        self.late_compiles += 1
+        return self.compiled(*args, **kwargs)
 
 
 def original(module: Any) -> Any:

@@ -71,6 +71,12 @@ def test_settled_modules_skip_guards_yet_run_their_own_graph_for_every_shape(min
             for w, g in zip(want, got):
                 assert all(torch.equal(a, b) for a, b in zip(w, g))  # the very same graph ran
             assert fidelity("embed", got[0], got[1])["mean_cosine"] < 0.99  # and each instance its own
+    assert [s.late_compiles for s in settled] == [0, 0]
+    # an input no warmed graph fits (tensors made outside inference mode) compiles late instead of failing
+    batch = {k: v.clone() for k, v in minilm.tokenizer(texts[:3], padding=True, return_tensors="pt").items()}
+    with torch.inference_mode():
+        got = settled[0](**batch)
+        assert settled[0].late_compiles == 1 and torch.equal(got, compiled[0](**batch))
 
 
 def test_the_service_serves_the_compiled_variant_and_says_so(minilm, texts, tmp_path):
