@@ -35,11 +35,17 @@ log = logging.getLogger(__name__)
 @dataclass(frozen=True)
 class BatchConfig:
     max_batch_size: int = 16  # items (input strings) per model call
-    max_wait_ms: float = 5.0  # how long the first queued item waits for company (when company is likely)
+    max_wait_ms: float = 5.0  # how long the first queued item waits for company (when company is likely and
+    # keeps coming: QUIET_FRACTION of it without an arrival ends the wait)
     max_batch_tokens: int = 8192  # sum of item costs per model call
     max_queue: int = 1024  # items waiting; beyond it submit() raises QueueFull
 
 
+# A batch waits for company until max_wait_ms has passed since its first request, or until no request has
+# arrived for this fraction of it: closed-loop clients (each waits for its answer before it sends again)
+# arrive in a burst after each batch and then not at all, and waiting out max_wait after the burst left
+# the model idle. 8 clients, minilm int8, same run: 355-389 -> 405-460 requests/s; 4 clients: 248-262 -> 328-413.
+QUIET_FRACTION = 0.2
 # background work (shadow traffic) that waited this long for a shared lane is dropped, not run late
 BACKGROUND_PATIENCE_S = 1.0
 # Background-only work gathers up to this many items (for at most half its patience) before it asks for the
@@ -264,7 +270,8 @@ class DynamicBatcher:
                 # (one client at a time) goes at once instead of paying max_wait on every call
                 lone = len(self._queue) == 1 and self._queue[0].lone
                 if not self._closing and not self._full() and not lone:
-                    remaining = self._queue[0].submitted + wait_s - time.perf_counter()
+                    now = time.perf_counter()
+                    remaining = min(self._queue[0].submitted + wait_s, self._last_submit + QUIET_FRACTION * wait_s) - now
                     if remaining > 0:
                         self._wakeup.clear()
                         try:

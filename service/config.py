@@ -119,8 +119,9 @@ class ModelConfig(_Strict):
 
 class BatchingConfig(_Strict):
     max_batch_size: int = Field(16, ge=1, le=1024)
-    max_wait_ms: float = Field(5.0, ge=0.0, le=1000.0, description="how long a request that arrives within "
-                               "max_wait_ms of the previous one waits for company; one after a quiet spell runs at once")
+    max_wait_ms: float = Field(5.0, ge=0.0, le=1000.0, description="how long a request that arrives while "
+                               "others are in flight waits for company, while company keeps coming (a fifth of it "
+                               "without an arrival ends the wait); one after a quiet spell runs at once")
     max_batch_tokens: int = Field(8192, ge=16)
     max_queue: int = Field(1024, ge=1, description="inputs waiting per variant before requests get 429")
 

@@ -180,23 +180,52 @@ def test_one_client_sending_back_to_back_never_waits_for_company() -> None:
     assert all(r.batch_sizes == [1] and r.queue_seconds < 0.03 for r in results)
 
 
-def test_a_request_close_behind_another_waits_for_company() -> None:
-    """A request that arrives while another is in flight: clients overlap, so it waits (up to max_wait) for
-    company."""
+def test_a_request_close_behind_another_waits_for_company_while_company_keeps_coming() -> None:
+    """A request that arrives while another is in flight: clients overlap, so it waits for company, as
+    long as requests keep arriving (gaps under QUIET_FRACTION of max_wait) and at most max_wait."""
+    import service.batching as batching
+
     model = FakeModel(sleep_s=0.01)
+    quiet = batching.QUIET_FRACTION * 0.1  # of max_wait_ms=100
 
     async def body(b: DynamicBatcher) -> list[BatchResult]:
         first = asyncio.ensure_future(b.submit(["a"]))  # alone: runs at once
         await asyncio.sleep(0.002)
-        second = asyncio.ensure_future(b.submit(["b"]))  # while the first runs: waits for company
-        await asyncio.sleep(0.02)
-        third = asyncio.ensure_future(b.submit(["c"]))
-        return [await first, await second, await third]
+        rest = []
+        for i in range(4):  # while the first runs, a trickle closer together than the quiet gap
+            rest.append(asyncio.ensure_future(b.submit([f"t{i}"])))
+            await asyncio.sleep(quiet / 3)
+        await asyncio.sleep(0.3)
+        late = asyncio.ensure_future(b.submit(["late"]))  # after a quiet spell, with nobody in flight: at once
+        return [await first, *[await r for r in rest], await late]
 
-    first, second, third = run_with(model, BatchConfig(max_batch_size=8, max_wait_ms=60), body)
+    first, *rest, late = run_with(model, BatchConfig(max_batch_size=8, max_wait_ms=100), body)
     assert first.batch_sizes == [1] and first.queue_seconds < 0.03
-    assert second.batch_sizes == third.batch_sizes == [2]
-    assert 0.055 <= second.queue_seconds < 0.2  # waited max_wait for company, no longer
+    assert all(r.batch_sizes == [4] for r in rest)  # the trickle went as one batch ...
+    # ... cut a quiet gap after its last arrival, well before max_wait
+    assert quiet <= rest[0].queue_seconds < 0.1 - quiet / 2
+    assert late.batch_sizes == [1] and late.queue_seconds < 0.03
+
+
+def test_company_that_keeps_coming_waits_no_longer_than_max_wait() -> None:
+    import service.batching as batching
+
+    model = FakeModel(sleep_s=0.005)
+    wait_s = 0.05
+
+    async def body(b: DynamicBatcher) -> list[BatchResult]:
+        first = asyncio.ensure_future(b.submit(["a"]))
+        await asyncio.sleep(0.001)
+        rest = []
+        deadline = time.perf_counter() + 2.5 * wait_s
+        while time.perf_counter() < deadline:  # an endless trickle
+            rest.append(asyncio.ensure_future(b.submit(["t"])))
+            await asyncio.sleep(batching.QUIET_FRACTION * wait_s / 4)
+        return [await first, *[await r for r in rest]]
+
+    first, *rest = run_with(model, BatchConfig(max_batch_size=64, max_wait_ms=1000 * wait_s), body)
+    assert len(rest) > 10
+    assert max(r.queue_seconds for r in rest) < 2 * wait_s  # max_wait still bounds the wait
 
 
 def test_full_batch_runs_without_waiting() -> None:
