@@ -209,7 +209,8 @@ def render(result: dict[str, Any]) -> str:
         "",
         f"Measured {result['date']} on {result['machine']} with `{result['command']}`. "
         f"The service (`python -m service`, default config: dynamic batching up to {batching}, 5% shadow "
-        f"traffic) runs in its own process; C closed-loop clients (`bench/loadgen.py`: one keep-alive connection each, on the same machine) each send "
+        f"traffic) runs in its own process; C closed-loop clients (`bench/loadgen.py`: one keep-alive "
+        f"connection each, on the same machine) each send "
         f"one-sentence requests back to back for {result['seconds']:.0f} s after a {result['warmup']:.0f} s warm-up, "
         f"cycling through the {result['texts']} evaluation sentences; latency is per request at the client, "
         "requests/s equals sentences/s, and the baselines are the same variants called in-process "

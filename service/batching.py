@@ -270,8 +270,8 @@ class DynamicBatcher:
                 # (one client at a time) goes at once instead of paying max_wait on every call
                 lone = len(self._queue) == 1 and self._queue[0].lone
                 if not self._closing and not self._full() and not lone:
-                    now = time.perf_counter()
-                    remaining = min(self._queue[0].submitted + wait_s, self._last_submit + QUIET_FRACTION * wait_s) - now
+                    quiet_until = self._last_submit + QUIET_FRACTION * wait_s
+                    remaining = min(self._queue[0].submitted + wait_s, quiet_until) - time.perf_counter()
                     if remaining > 0:
                         self._wakeup.clear()
                         try:
