@@ -21,6 +21,8 @@ module's own (:func:`original` gives the module back).
 
 from __future__ import annotations
 
+import gc
+import logging
 import os
 import shutil
 import sysconfig
@@ -30,6 +32,8 @@ from typing import Any, Callable
 
 import torch
 from torch import nn
+
+log = logging.getLogger(__name__)
 
 CACHE_ENV = "TORCHINDUCTOR_CACHE_DIR"
 # Every compiled module adds its graphs (two shape classes each) to the guards of the same code
@@ -116,13 +120,22 @@ class Settled(nn.Module):
         self.late_compiles = 0
 
     def forward(self, *args: Any, **kwargs: Any) -> Any:
+        # No cyclic collection inside the call: its finalizers and callbacks would run as frames dynamo
+        # intercepts, and under this stance dynamo refuses any frame it has no graph for.
+        collecting = gc.isenabled()
+        gc.disable()
         try:
             with torch.compiler.set_stance("default", skip_guard_eval_unsafe=True):
                 return self.compiled(*args, **kwargs)
         except RuntimeError as exc:
             if "skip_guard_eval_unsafe" not in str(exc):
                 raise
+        finally:
+            if collecting:
+                gc.enable()
         self.late_compiles += 1
+        log.warning("a warmed compiled module met an input no compiled graph fits; compiling one now "
+                    "(late compile %d)", self.late_compiles)
         return self.compiled(*args, **kwargs)
 
 

@@ -77,6 +77,7 @@ def test_settled_modules_skip_guards_yet_run_their_own_graph_for_every_shape(min
     with torch.inference_mode():
         got = settled[0](**batch)
         assert settled[0].late_compiles == 1 and torch.equal(got, compiled[0](**batch))
+    assert gc.isenabled()  # collection is paused only during a call, on both paths
 
 
 def test_the_service_serves_the_compiled_variant_and_says_so(minilm, texts, tmp_path):
