@@ -11,7 +11,8 @@ one sentence per call (for HTTP overhead at C=1) and batches of 32 (for batching
 
 The peer: LitServe serving the same MiniLM int8 variant (built by our library the same way; see
 bench/litserve_peer.py) with its own batching, set as the service's default (inputs per batch,
-wait), driven by the same load generator at the same concurrencies in the same run, after our service has stopped.
+wait), driven by the same load generator at the same concurrencies in the same run, after our
+service has stopped.
 """
 
 from __future__ import annotations
@@ -33,7 +34,7 @@ from bench.live import ServiceProcess, free_port, poll_until_ok, stop  # noqa: E
 from bench.results import machine_summary, publish  # noqa: E402
 from quantization.pipeline import eval_texts  # noqa: E402
 from service.app import create_app  # noqa: E402
-from service.config import load_settings  # noqa: E402
+from service.config import BatchingConfig, load_settings  # noqa: E402
 
 MODELS = {"minilm": "/v1/embed", "intent": "/v1/classify"}
 VARIANTS = ["fp32", "int8"]
@@ -133,11 +134,10 @@ def peer_load(url: str, port: int, texts: list[str], seconds: float, warmup: flo
     return rows
 
 
-def run_peer(texts: list[str], seconds: float, warmup: float) -> list[dict[str, Any]]:
+def run_peer(texts: list[str], seconds: float, warmup: float, batching: BatchingConfig) -> list[dict[str, Any]]:
     port = free_port()
     with tempfile.NamedTemporaryFile("w+", prefix="litserve-", suffix=".log") as log:
         # its own process group: LitServe spawns inference workers that outlive a SIGTERM to the server alone
-        batching = load_settings().batching  # the peer batches as the service's default config does
         proc = subprocess.Popen([sys.executable, str(ROOT / "bench" / "litserve_peer.py"), "--port", str(port),
                                  "--max-batch-size", str(batching.max_batch_size),
                                  "--batch-timeout-ms", str(batching.max_wait_ms)],
@@ -165,7 +165,8 @@ def main() -> int:
     url = service.url
     try:
         print("building the variants in-process (the service builds its own meanwhile) ...", file=sys.stderr)
-        app = create_app(load_settings(probe_texts=8))
+        settings = load_settings(probe_texts=8)  # the default config, as the service process loads it
+        app = create_app(settings)
         app.state.registry.build()
         ready_s = service.wait_ready()
         print("timing in-process baselines ...", file=sys.stderr)
@@ -173,7 +174,7 @@ def main() -> int:
         rows = load(url, service.port, texts, seconds, warmup)
         service.stop()
         print("starting the LitServe peer ...", file=sys.stderr)
-        rows += run_peer(texts, seconds, warmup)
+        rows += run_peer(texts, seconds, warmup, settings.batching)  # the peer batches as the service does
         print("timing in-process baselines again ...", file=sys.stderr)
         for key, s in in_process(app.state.registry, texts, rounds).items():
             base[key]["single_s"] += s["single_s"]
@@ -188,7 +189,7 @@ def main() -> int:
         r["overhead_x"] = r["p50_ms"] / b["single_ms"] if r["clients"] == 1 else None
         r["batched_x"] = r["per_s"] / b["batched_per_s"] if r["clients"] == BATCH else None
     result = {"date": started, "machine": machine_summary(), "texts": len(texts), "seconds": seconds,
-              "warmup": warmup, "service_ready_s": ready_s, "batching": load_settings().batching.model_dump(),
+              "warmup": warmup, "service_ready_s": ready_s, "batching": settings.batching.model_dump(),
               "baselines": baselines, "rows": rows,
               "command": "bench/serving.py" + (" --quick" if args.quick else ""),
               "wall_s": time.perf_counter() - t0}

@@ -255,30 +255,12 @@ class DynamicBatcher:
                 if not self._queue:
                     if self._closing:
                         return
-                    self._wakeup.clear()
-                    await self._wakeup.wait()  # idle: sleep until a submit or stop
+                    await self._sleep(None)  # idle: until a submit or stop
                     continue
-                hold = self._background_hold()
-                if hold > 0:
-                    self._wakeup.clear()
-                    try:
-                        await asyncio.wait_for(self._wakeup.wait(), hold)
-                    except asyncio.TimeoutError:
-                        pass
-                    continue
-                # wait for company only when it is likely: a request that arrived alone after a quiet spell
-                # (one client at a time) goes at once instead of paying max_wait on every call
-                lone = len(self._queue) == 1 and self._queue[0].lone
-                if not self._closing and not self._full() and not lone:
-                    quiet_until = self._last_submit + QUIET_FRACTION * wait_s
-                    remaining = min(self._queue[0].submitted + wait_s, quiet_until) - time.perf_counter()
-                    if remaining > 0:
-                        self._wakeup.clear()
-                        try:
-                            await asyncio.wait_for(self._wakeup.wait(), remaining)
-                        except asyncio.TimeoutError:
-                            pass
-                        continue  # re-check: the queue may have filled up or shrunk
+                pause = self._pause(wait_s)
+                if pause > 0:
+                    await self._sleep(pause)
+                    continue  # re-check: the queue may have filled up or shrunk
                 if self._lane is not None:
                     # cut the batch once the lane is ours: what arrives while others run joins it
                     await self._lane.acquire(self._lane_priority)
@@ -297,6 +279,28 @@ class DynamicBatcher:
         finally:
             for req in list(self._queue):  # only non-empty if the worker itself was cancelled
                 self._fail(req, BatcherClosed(f"batcher {self.name} stopped"))
+
+    async def _sleep(self, timeout: float | None) -> None:
+        """Until the next submit or stop, or ``timeout`` seconds."""
+        assert self._wakeup is not None
+        self._wakeup.clear()
+        try:
+            await asyncio.wait_for(self._wakeup.wait(), timeout)
+        except asyncio.TimeoutError:
+            pass
+
+    def _pause(self, wait_s: float) -> float:
+        """Seconds the queue's head should still wait before it asks for the lane (<= 0: go now)."""
+        hold = self._background_hold()
+        if hold > 0:
+            return hold
+        # wait for company only when it is likely: a request that arrived alone after a quiet spell
+        # (one client at a time) goes at once instead of paying max_wait on every call
+        lone = len(self._queue) == 1 and self._queue[0].lone
+        if self._closing or self._full() or lone:
+            return 0.0
+        quiet_until = self._last_submit + QUIET_FRACTION * wait_s
+        return min(self._queue[0].submitted + wait_s, quiet_until) - time.perf_counter()
 
     def _background_hold(self) -> float:
         """Seconds background-only work should still wait for more of its kind (0: run it now)."""

@@ -62,8 +62,8 @@ class TaskAdapter:
         """Batcher items per text. Over ``max_tokens``: cut (and reported) or refused, as ``truncation`` says."""
         # one token over the limit is enough to tell "too long" without tokenizing a huge text in full twice
         if self._fast is not None:
-            ids = [e.ids for e in (self._fast.encode_batch(list(texts)) if len(texts) > 1
-                                   else [self._fast.encode(texts[0])] if texts else [])]
+            encodings = self._fast.encode_batch(list(texts)) if len(texts) != 1 else [self._fast.encode(texts[0])]
+            ids = [e.ids for e in encodings]
         else:
             ids = self.tm.tokenizer(list(texts), truncation=True, max_length=self.max_tokens + 1)["input_ids"]
         over = [i for i, x in enumerate(ids) if len(x) > self.max_tokens]
