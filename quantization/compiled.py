@@ -13,7 +13,7 @@ first time; compiled kernels are cached on disk (``TORCHINDUCTOR_CACHE_DIR``; :f
 points it next to saved artifacts) so a restart compiles from the cache. Shapes are symbolic
 (``dynamic=True``), so one graph serves every batch size and sequence length above 1; batch size
 1 gets its own graph. :func:`warm_up` compiles both before a variant is declared ready; a warmed
-module is then served as :class:`Settled`, which skips the guard checks that pick among graphs.
+module is then served as :class:`Settled`, which calls its graphs without dynamo's per-call work.
 
 Only the forward of the module changes: its weights, state dict and stored bytes are the
 module's own (:func:`original` gives the module back).
@@ -21,7 +21,6 @@ module's own (:func:`original` gives the module back).
 
 from __future__ import annotations
 
-import gc
 import logging
 import os
 import shutil
@@ -93,50 +92,140 @@ def compile_module(module: nn.Module) -> nn.Module:
 
     dynamo_config.recompile_limit = max(dynamo_config.recompile_limit, RECOMPILE_LIMIT)
     dynamo_config.specialize_float = True
-    return torch.compile(module, dynamic=True)
+    graphs = _Graphs()
+    compiled = torch.compile(module, dynamic=True, backend=graphs)
+    compiled._quantserve_graphs = graphs
+    return compiled
+
+
+class _Graphs:
+    """The inductor backend (exactly what ``backend="inductor"`` runs), keeping a hand on each compiled graph.
+
+    While ``observed`` is a list, every graph call is appended to it with its arguments and outputs: that is
+    how :class:`Settled` learns which graph an input runs and what dynamo passes it.
+    """
+
+    def __init__(self) -> None:
+        self.compiles = 0
+        self.observed: list[tuple[Any, tuple[Any, ...], Any]] | None = None
+
+    def __call__(self, gm: torch.fx.GraphModule, example_inputs: list[Any]) -> Callable[..., Any]:
+        from torch._inductor.compile_fx import compile_fx
+
+        compiled = compile_fx(gm, example_inputs)
+        self.compiles += 1
+
+        def graph(*args: Any) -> Any:
+            out = compiled(*args)
+            if self.observed is not None:
+                self.observed.append((compiled, args, out))
+            return out
+
+        return graph
 
 
 class Settled(nn.Module):
-    """A compiled module after :func:`warm_up`: each call checks only the guards that tell its graphs apart.
+    """A compiled module after :func:`warm_up`, whose graphs are called directly, without dynamo in between.
 
-    Before running a graph, dynamo evaluates its guards: about a thousand checks for MiniLM (the type,
-    shape and dynamic-dimension marks of every parameter, module attributes, config values), 0.2-0.3 ms
-    of a 2-3 ms batch-1 forward (measured interleaved, same process), and more when other compiled
-    instances of the same class put their graphs first in the cache. Once every graph a module will
-    need exists, ``skip_guard_eval_unsafe`` keeps only the guards that differ between cached graphs
-    (batch size 1 or not; which instance), so the right graph still runs.
+    Entering a compiled module through dynamo costs about 0.4 ms a call for MiniLM (measured in one process:
+    1.75 -> 1.33 ms a batch-1 forward): evaluating about a thousand guards (the type, shape and
+    dynamic-dimension marks of every parameter, module attributes, config values), then bytecode that gathers
+    the ~220 graph inputs (every parameter and buffer, the inputs, their sizes) from the module, one attribute
+    lookup at a time. Neither changes between calls that look alike: the first call with a new signature (the
+    shapes, strides, dtypes and inference-mode flags of its tensors, the values of its other arguments, grad
+    and inference mode) runs through dynamo with every guard, which picks (or compiles) the graph; that call
+    is recorded, and later calls with the same signature pass the same parameters, their own tensors in the
+    same places and the same sizes straight to that graph.
 
-    An input no cached graph fits (one warm-up did not foresee: tensors made outside inference mode,
-    another dtype) makes dynamo refuse under that stance; the call then runs with every guard, which
-    compiles the graph it needs, and is counted in ``late_compiles``.
+    A signature is called directly only where that is provably what dynamo did: exactly one graph ran, its
+    single output is what the module returned, and every graph input was either one of the call's tensors,
+    one of the module's parameters or buffers, or a number (sizes: fixed by the signature). Anything else
+    (a graph break, outputs rebuilt after the graph) keeps going through dynamo. A graph compiled after warm-up
+    is counted in ``late_compiles`` and logged.
 
-    The stance is process-wide while a call runs: serve every compiled module from one thread (the
-    service's model lane) and never call this one inside another compiled region.
+    What the signature does not cover is assumed fixed while serving, as dynamo's own guards would check it:
+    the module's attributes and parameter objects (values may change in place), and torch's global settings
+    other than grad and inference mode. Serve from one thread (the service's model lane).
     """
+
+    MAX_SIGNATURES = 4096  # beyond this (an unbounded variety of shapes) the table starts over
 
     def __init__(self, compiled: nn.Module) -> None:
         super().__init__()
         self.compiled = compiled
         self.late_compiles = 0
+        self._graphs: _Graphs | None = getattr(compiled, "_quantserve_graphs", None)
+        self._warm_compiles = self._graphs.compiles if self._graphs else 0
+        module = original(compiled)
+        self._own = {id(t) for t in (*module.parameters(), *module.buffers())}
+        # (args, kwargs names) signature -> (graph, its arguments with None where a call's tensor goes,
+        # [(argument position, call input position)]); None where the signature must go through dynamo
+        self._direct: dict[tuple, tuple[Callable[..., Any], list[Any], list[tuple[int, int]]] | None] = {}
 
     def forward(self, *args: Any, **kwargs: Any) -> Any:
-        # No cyclic collection inside the call: its finalizers and callbacks would run as frames dynamo
-        # intercepts, and under this stance dynamo refuses any frame it has no graph for.
-        collecting = gc.isenabled()
-        gc.disable()
+        inputs = (*args, *kwargs.values())
+        key = (len(args), tuple(kwargs), torch.is_grad_enabled(), torch.is_inference_mode_enabled(),
+               *[_signature(x) for x in inputs])
+        plan = self._direct.get(key, _UNSEEN)
+        if plan is _UNSEEN:
+            return self._first_call(key, inputs, args, kwargs)
+        if plan is None:
+            return self.compiled(*args, **kwargs)
+        graph, arguments, slots = plan
+        arguments = arguments.copy()
+        for at, i in slots:
+            arguments[at] = inputs[i]
+        return graph(*arguments)[0]
+
+    def _first_call(self, key: tuple, inputs: tuple[Any, ...], args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
+        graphs = self._graphs
+        if graphs is None:
+            return self.compiled(*args, **kwargs)
+        graphs.observed = []
         try:
-            with torch.compiler.set_stance("default", skip_guard_eval_unsafe=True):
-                return self.compiled(*args, **kwargs)
-        except RuntimeError as exc:
-            if "skip_guard_eval_unsafe" not in str(exc):
-                raise
+            out = self.compiled(*args, **kwargs)
+            observed = graphs.observed
         finally:
-            if collecting:
-                gc.enable()
-        self.late_compiles += 1
-        log.warning("a warmed compiled module met an input no compiled graph fits; compiling one now "
-                    "(late compile %d)", self.late_compiles)
-        return self.compiled(*args, **kwargs)
+            graphs.observed = None
+        if graphs.compiles > self._warm_compiles + self.late_compiles:
+            self.late_compiles = graphs.compiles - self._warm_compiles
+            log.warning("a warmed compiled module met an input no compiled graph fits and compiled one "
+                        "(late compile %d)", self.late_compiles)
+        if len(self._direct) >= self.MAX_SIGNATURES:
+            self._direct.clear()
+        self._direct[key] = self._plan(observed, out, inputs)
+        return out
+
+    def _plan(self, observed: list[tuple[Any, tuple[Any, ...], Any]], out: Any,
+              inputs: tuple[Any, ...]) -> tuple[Callable[..., Any], list[Any], list[tuple[int, int]]] | None:
+        if len(observed) != 1:
+            return None
+        graph, graph_args, graph_out = observed[0]
+        if not (isinstance(graph_out, (list, tuple)) and len(graph_out) == 1 and graph_out[0] is out):
+            return None
+        by_id = {id(x): i for i, x in enumerate(inputs) if isinstance(x, torch.Tensor)}
+        arguments: list[Any] = []
+        slots: list[tuple[int, int]] = []
+        for at, a in enumerate(graph_args):
+            if isinstance(a, torch.Tensor):
+                if id(a) in by_id:
+                    slots.append((at, by_id[id(a)]))
+                    a = None
+                elif id(a) not in self._own:
+                    return None  # a tensor made by dynamo's own bytecode: not safe to reuse
+            elif not (a is None or type(a) in (int, float, bool)):
+                return None
+            arguments.append(a)
+        return graph, arguments, slots
+
+
+_UNSEEN = object()
+
+
+def _signature(x: Any) -> Any:
+    if isinstance(x, torch.Tensor):
+        return (x.shape, x.stride(), x.dtype, x.device, x.is_inference(), x.requires_grad)
+    return x if x is None or type(x) in (int, float, bool, str) else (type(x), id(x))
 
 
 def original(module: Any) -> Any:

@@ -52,9 +52,20 @@ def test_compiled_int8_matches_eager_int8_on_every_batch_shape_without_recompili
             assert fid["mean_cosine"] >= 0.995 and fid["min_cosine"] >= 0.98, fid
 
 
-def test_settled_modules_skip_guards_yet_run_their_own_graph_for_every_shape(minilm, texts):
-    # two compiled instances of one class share dynamo's cache (same code object): with guards skipped, the
-    # checks that remain must still pick the instance and the shape class (batch of one or not)
+class TwoGraphs(torch.nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.linear = torch.nn.Linear(4, 4)
+
+    def forward(self, x):
+        y = self.linear(x)
+        torch._dynamo.graph_break()
+        return self.linear(y.relu())
+
+
+def test_settled_modules_call_their_own_graph_directly_for_every_shape(minilm, texts):
+    # two compiled instances of one class share dynamo's cache (same code object): called directly, each must
+    # still run its own graph, the one of the input's shape class (batch of one or not), on the input's values
     first, second = quantize_model(minilm, "dynamic-int8").module, quantize_model(minilm, "dynamic-int8").module
     with torch.no_grad():  # same graph, other outputs (the int8 layers' own buffers; LayerNorms are shared with FP32)
         for layer in second.model.encoder.layer:
@@ -64,20 +75,35 @@ def test_settled_modules_skip_guards_yet_run_their_own_graph_for_every_shape(min
         warm_up(lambda batch: minilm.run(c, batch), texts[:1])  # one item still compiles both shape classes
     settled = [Settled(c) for c in compiled]
     assert all(is_compiled(s) and original(s) is m for s, m in zip(settled, (first, second)))
-    with torch._dynamo.config.patch(error_on_recompile=True):
-        for batch in (texts[:1], texts[2:9], texts[9:10], texts[10:12]):
-            want = [minilm.run(c, batch) for c in compiled]
-            got = [minilm.run(s, batch) for s in settled]
-            for w, g in zip(want, got):
-                assert all(torch.equal(a, b) for a, b in zip(w, g))  # the very same graph ran
-            assert fidelity("embed", got[0], got[1])["mean_cosine"] < 0.99  # and each instance its own
+
+    def tokens(batch, length):  # same shape for different texts
+        with torch.inference_mode():
+            return dict(minilm.tokenizer(batch, padding="max_length", truncation=True, max_length=length,
+                                         return_tensors="pt"))
+
+    with torch._dynamo.config.patch(error_on_recompile=True), torch.inference_mode():
+        for size, length in ((1, 12), (7, 20), (3, 12), (1, 30)):
+            # the first call of a shape goes through dynamo and is recorded, the next ones straight to the graph
+            for start in (0, 40, 80):
+                batch = tokens(texts[start:start + size], length)
+                want = [c(**batch) for c in compiled]
+                got = [s(**batch) for s in settled]
+                assert all(torch.equal(w, g) for w, g in zip(want, got))  # the very same graph ran
+                assert fidelity("embed", got[0], got[1])["mean_cosine"] < 0.99  # and each instance its own
+    assert all(sum(plan is not None for plan in s._direct.values()) == 4 for s in settled)  # called directly
     assert [s.late_compiles for s in settled] == [0, 0]
     # an input no warmed graph fits (tensors made outside inference mode) compiles late instead of failing
     batch = {k: v.clone() for k, v in minilm.tokenizer(texts[:3], padding=True, return_tensors="pt").items()}
     with torch.inference_mode():
         got = settled[0](**batch)
         assert settled[0].late_compiles == 1 and torch.equal(got, compiled[0](**batch))
-    assert gc.isenabled()  # collection is paused only during a call, on both paths
+        assert torch.equal(settled[0](**batch), got) and settled[0].late_compiles == 1  # once
+    # a signature dynamo runs as more than one graph is never called directly
+    plain = TwoGraphs()
+    x = torch.randn(3, 4)
+    s = Settled(compile_module(plain))
+    assert torch.allclose(s(x), plain(x)) and torch.allclose(s(x), plain(x))
+    assert list(s._direct.values()) == [None]
 
 
 def test_the_service_serves_the_compiled_variant_and_says_so(minilm, texts, tmp_path):
