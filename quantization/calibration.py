@@ -11,16 +11,20 @@ Batch = dict[str, torch.Tensor]
 
 
 def collect_layer_inputs(module: nn.Module, names: list[str], calibration: list[Batch] | None,
-                         fn: Callable[[str, torch.Tensor], Any]) -> None:
+                         fn: Callable[[str, torch.Tensor], Any], detach: bool = True) -> None:
     """Run calibration batches through the FP32 module, calling fn(name, input) for each layer.
 
     Padding tokens are dropped first (with the batch's attention mask) so that they do not widen
-    the observed ranges: at run time they never matter to the output.
+    the observed ranges: at run time they never matter to the output. ``detach=False`` hands over
+    the layer's input tensor itself (to tell which layers read the same one).
     """
     current_mask: list[torch.Tensor | None] = [None]
 
     def hook_for(name: str):
         def hook(_mod, args):
+            if not detach:
+                fn(name, args[0])
+                return
             x = args[0].detach().float()
             mask = current_mask[0]
             if mask is not None and x.dim() == 3 and x.shape[:2] == mask.shape:
@@ -41,23 +45,44 @@ def collect_layer_inputs(module: nn.Module, names: list[str], calibration: list[
 
 
 def smoothing_factors(module: nn.Module, names: list[str], calibration: list[Batch] | None,
-                      alpha: float) -> dict[str, torch.Tensor]:
+                      alpha: float, joint: bool = False) -> dict[str, torch.Tensor]:
     """SmoothQuant per-input-channel factors s_j = max|x_j|^alpha / max|w_j|^(1 - alpha).
 
     Dividing activation channel j by s_j and multiplying weight column j by it leaves the
     product unchanged while moving quantization difficulty from outlier activation channels
     into the weights (alpha = 0: none moved; 1: all of it).
+
+    ``joint``: layers that read the very same input (attention's query, key and value) get one
+    factor vector, with max|w_j| over all their weights, as SmoothQuant smooths them: their smoothed
+    inputs are then identical, so one quantized input and one GEMM can serve them all
+    (:func:`quantization.layers.share_input_gemms`).
     """
     absmax: dict[str, torch.Tensor] = {}
+    readers: dict[int, tuple[torch.Tensor, list[str]]] = {}
 
     def channel_absmax(name: str, x: torch.Tensor) -> None:
         m = x.abs().reshape(-1, x.shape[-1]).amax(0)
         absmax[name] = torch.maximum(absmax[name], m) if name in absmax else m
 
+    def record(name: str, x: torch.Tensor) -> None:
+        # the tensor is kept so that its id cannot be reused by another input during the pass
+        readers.setdefault(id(x), (x, []))[1].append(name)
+
     collect_layer_inputs(module, names, calibration, channel_absmax)
+    groups = {name: [name] for name in names}
+    if joint and calibration:
+        collect_layer_inputs(module, names, calibration[:1], record, detach=False)
+        groups_of: dict[str, set[tuple[str, ...]]] = {}
+        for _, group in readers.values():
+            for name in group:
+                groups_of.setdefault(name, set()).add(tuple(dict.fromkeys(group)))
+        for name, found in groups_of.items():
+            if len(found) == 1 and all(groups_of[n] == found for n in next(iter(found))):
+                groups[name] = list(next(iter(found)))
     factors = {}
     for name in names:
-        w_absmax = module.get_submodule(name).weight.detach().float().abs().amax(0).clamp_min(1e-5)
+        w_absmax = torch.stack([module.get_submodule(n).weight.detach().float().abs().amax(0)
+                                for n in groups[name]]).amax(0).clamp_min(1e-5)
         a = absmax[name].clamp_min(1e-5)
         factors[name] = (a.pow(alpha) / w_absmax.pow(1 - alpha)).clamp_min(1e-5)
     return factors

@@ -31,6 +31,7 @@ from typing import Any, Callable
 
 import torch
 from torch import nn
+from torch._inductor.custom_graph_pass import CustomGraphPass, get_hash_for_files
 
 log = logging.getLogger(__name__)
 
@@ -83,11 +84,19 @@ def use_cache_dir(directory: str | os.PathLike[str]) -> Path | None:
     return path
 
 
-def compile_module(module: nn.Module) -> nn.Module:
-    """``module`` with a compiled forward (lazy: the first call of each shape class compiles)."""
+def compile_module(module: nn.Module, probe: Callable[[nn.Module], Any] | None = None) -> nn.Module:
+    """``module`` with a compiled forward (lazy: the first call of each shape class compiles).
+
+    ``probe(module)``, one eager forward, shows which int8 layers read the same input; those then share one
+    GEMM in the compiled forward (:func:`quantization.layers.share_input_gemms`).
+    """
     problem = compiler_problem()
     if problem is not None:
         raise RuntimeError(problem)
+    if probe is not None:
+        from .layers import share_input_gemms
+
+        share_input_gemms(module, probe)
     import torch._dynamo.config as dynamo_config
 
     dynamo_config.recompile_limit = max(dynamo_config.recompile_limit, RECOMPILE_LIMIT)
@@ -110,9 +119,11 @@ class _Graphs:
         self.observed: list[tuple[Any, tuple[Any, ...], Any]] | None = None
 
     def __call__(self, gm: torch.fx.GraphModule, example_inputs: list[Any]) -> Callable[..., Any]:
+        import torch._inductor.config as inductor_config
         from torch._inductor.compile_fx import compile_fx
 
-        compiled = compile_fx(gm, example_inputs)
+        with inductor_config.patch(post_grad_custom_pre_pass=MergeRepeated()):
+            compiled = compile_fx(gm, example_inputs)
         self.compiles += 1
 
         def graph(*args: Any) -> Any:
@@ -122,6 +133,55 @@ class _Graphs:
             return out
 
         return graph
+
+
+def _merge_repeated(graph: torch.fx.Graph) -> int:
+    """Compute each repeated pure computation once (common-subexpression elimination); how many were merged.
+
+    Layers that share an input GEMM (:func:`quantization.layers.share_input_gemms`) each trace the same
+    quantization of their input and the same ``torch._int_mm``; this leaves one of each. A node is merged
+    only if it is a pure, non-random call on at least one graph value and nothing mutates its result.
+    """
+    seen: dict[Any, torch.fx.Node] = {}
+    merged = 0
+    for node in list(graph.nodes):
+        if (node.op != "call_function" or node.is_impure(impure_random=True) or not node.all_input_nodes
+                or any(user.is_impure() for user in node.users)
+                or (isinstance(node.target, torch._ops.OpOverload)
+                    and torch.Tag.nondeterministic_seeded in node.target.tags)):
+            continue
+        try:
+            key = (node.target, _frozen(node.args), _frozen(node.kwargs))
+            hash(key)
+        except TypeError:
+            continue
+        if key in seen:
+            node.replace_all_uses_with(seen[key])
+            graph.erase_node(node)
+            merged += 1
+        else:
+            seen[key] = node
+    return merged
+
+
+def _frozen(value: Any) -> Any:
+    if isinstance(value, (list, tuple)):
+        return (type(value), tuple(_frozen(v) for v in value))
+    if isinstance(value, dict):
+        return (dict, tuple(sorted((k, _frozen(v)) for k, v in value.items())))
+    if isinstance(value, slice):
+        return (slice, value.start, value.stop, value.step)
+    return value
+
+
+class MergeRepeated(CustomGraphPass):
+    """:func:`_merge_repeated` as an inductor pass (on the graph after decomposition, before its own passes)."""
+
+    def __call__(self, graph: torch.fx.Graph) -> None:
+        _merge_repeated(graph)
+
+    def uuid(self) -> bytes:  # part of the compiled-kernel cache key: a change to this file recompiles
+        return get_hash_for_files((__file__,))
 
 
 class Settled(nn.Module):

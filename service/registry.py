@@ -278,7 +278,7 @@ class Registry:
             self._say(f"event=compile_unavailable model={served.name} variant={vc.name} reason={problem!r}")
             return module, 0.0, problem
         start = time.perf_counter()
-        compiled = compile_module(module)
+        compiled = compile_module(module, probe=lambda m: served.adapter.run(m, probe_items[:2]))
         warm_up(lambda items: served.adapter.run(compiled, items), probe_items)
         return Settled(compiled), time.perf_counter() - start, None
 

@@ -52,6 +52,55 @@ def test_compiled_int8_matches_eager_int8_on_every_batch_shape_without_recompili
             assert fid["mean_cosine"] >= 0.995 and fid["min_cosine"] >= 0.98, fid
 
 
+def test_layers_reading_one_input_share_one_gemm_when_compiled(minilm, texts):
+    qm = quantize_model(minilm, "dynamic-int8")
+    attention = qm.module.model.encoder.layer[0].attention
+    q, k, v = attention.self.query, attention.self.key, attention.self.value
+    # smoothed jointly (one factor vector for the three layers reading the same hidden states), others not
+    assert torch.equal(q.smooth, k.smooth) and torch.equal(q.smooth, v.smooth)
+    assert not torch.equal(q.smooth, attention.output.dense.smooth)
+    keys = set(qm.module.state_dict())
+    plain = quantize_model(minilm, "dynamic-int8").module
+    shared = compile_module(qm.module, probe=lambda m: minilm.run(m, texts[:2]))
+    assert [layer.shared_columns for layer in (q, k, v)] == [(0, 384), (384, 768), (768, 1152)]
+    assert attention.output.dense.shared_columns is None and set(qm.module.state_dict()) == keys  # stored form
+    unshared = compile_module(plain)
+    for c in (shared, unshared):
+        warm_up(lambda batch: minilm.run(c, batch), texts[:4])
+    from torch.profiler import ProfilerActivity, profile
+
+    for batch in (texts[:1], texts[4:11]):
+        with profile(activities=[ProfilerActivity.CPU]) as prof:
+            got = minilm.run(shared, batch)
+        gemms = sum(e.count for e in prof.key_averages() if e.key == "aten::_int_mm")
+        assert gemms == 6 * 4, gemms  # per layer: query/key/value as one, attention output, two FFN (was 6 * 6)
+        # the very same integer arithmetic as three GEMMs, and eager is untouched
+        assert all(torch.equal(a, b) for a, b in zip(got, minilm.run(unshared, batch)))
+        assert all(torch.equal(a, b) for a, b in zip(minilm.run(qm.module, batch), minilm.run(plain, batch)))
+
+
+def test_repeated_pure_computations_are_merged_but_not_random_or_mutated_ones():
+    from quantization.compiled import _merge_repeated
+
+    def f(x, y):
+        a, b = x.abs() + 1, x.abs() + 1  # merged
+        r1, r2 = torch.rand(3), torch.rand(3)  # random: kept apart
+        buf1, buf2 = y.clone(), y.clone()  # each mutated below: kept apart
+        buf1.add_(1)
+        buf2.add_(2)
+        return a * b, r1, r2, buf1, buf2
+
+    from torch.fx.experimental.proxy_tensor import make_fx
+
+    x, y = torch.randn(3), torch.zeros(3)
+    gm = make_fx(f)(x, y)  # aten operations, as inductor's graphs have
+    assert _merge_repeated(gm.graph) == 2  # x.abs(), then the + 1 on it
+    gm.recompile()
+    prod, r1, r2, buf1, buf2 = gm(x, y)
+    assert torch.equal(prod, (x.abs() + 1) ** 2) and not torch.equal(r1, r2)
+    assert torch.equal(buf1, torch.ones(3)) and torch.equal(buf2, torch.full((3,), 2.0))
+
+
 class TwoGraphs(torch.nn.Module):
     def __init__(self):
         super().__init__()

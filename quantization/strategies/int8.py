@@ -68,7 +68,7 @@ class DynamicInt8(LayerwiseStrategy):
         if not calibration:
             raise CalibrationError("dynamic-int8 with smooth_alpha measures activation channels on sample texts; "
                                    "give calibration texts or set smooth_alpha to null")
-        self.smooth = smoothing_factors(module, self.units(module), calibration, p.smooth_alpha)
+        self.smooth = smoothing_factors(module, self.units(module), calibration, p.smooth_alpha, joint=True)
 
     def convert(self, name: str, linear: nn.Linear) -> nn.Module:
         p: DynamicParams = self.params  # type: ignore[assignment]
