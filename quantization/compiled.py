@@ -31,7 +31,6 @@ from typing import Any, Callable
 
 import torch
 from torch import nn
-from torch._inductor.custom_graph_pass import CustomGraphPass, get_hash_for_files
 
 log = logging.getLogger(__name__)
 
@@ -122,7 +121,7 @@ class _Graphs:
         import torch._inductor.config as inductor_config
         from torch._inductor.compile_fx import compile_fx
 
-        with inductor_config.patch(post_grad_custom_pre_pass=MergeRepeated()):
+        with inductor_config.patch(post_grad_custom_pre_pass=_merge_pass()):
             compiled = compile_fx(gm, example_inputs)
         self.compiles += 1
 
@@ -174,14 +173,22 @@ def _frozen(value: Any) -> Any:
     return value
 
 
-class MergeRepeated(CustomGraphPass):
-    """:func:`_merge_repeated` as an inductor pass (on the graph after decomposition, before its own passes)."""
+def _merge_pass() -> Any:
+    """:func:`_merge_repeated` as an inductor pass (on the graph after decomposition, before its own passes).
 
-    def __call__(self, graph: torch.fx.Graph) -> None:
-        _merge_repeated(graph)
+    Imported here, at compile time: importing ``torch._inductor`` sets ``TORCHINDUCTOR_CACHE_DIR`` to its
+    default, after which :func:`use_cache_dir` would leave the kernels there instead of next to the artifacts.
+    """
+    from torch._inductor.custom_graph_pass import CustomGraphPass, get_hash_for_files
 
-    def uuid(self) -> bytes:  # part of the compiled-kernel cache key: a change to this file recompiles
-        return get_hash_for_files((__file__,))
+    class MergeRepeated(CustomGraphPass):
+        def __call__(self, graph: torch.fx.Graph) -> None:
+            _merge_repeated(graph)
+
+        def uuid(self) -> bytes:  # part of the compiled-kernel cache key: a change to this file recompiles
+            return get_hash_for_files((__file__,))
+
+    return MergeRepeated()
 
 
 class Settled(nn.Module):

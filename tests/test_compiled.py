@@ -4,6 +4,9 @@ and a machine that cannot compile still serves (eager, saying why)."""
 from __future__ import annotations
 
 import gc
+import os
+import subprocess
+import sys
 
 import httpx
 import torch
@@ -11,6 +14,7 @@ import torch._dynamo
 
 from quantization.compiled import Settled, compile_module, compiler_problem, is_compiled, original, warm_up
 from quantization.fidelity import fidelity
+from quantization.layers import share_input_gemms
 from quantization.pipeline import quantize_model
 from service.metrics import Metrics
 from service.registry import Registry
@@ -28,6 +32,14 @@ models:
       - {name: int8, strategy: dynamic-int8, compile: true}
     routing: {default: int8}
 """
+
+
+def test_importing_the_library_leaves_the_kernel_cache_location_alone():
+    # torch._inductor sets TORCHINDUCTOR_CACHE_DIR when imported; the service must still be able to choose it
+    code = "import os, quantization.compiled, service.registry; assert 'TORCHINDUCTOR_CACHE_DIR' not in os.environ"
+    env = {k: v for k, v in os.environ.items() if k != "TORCHINDUCTOR_CACHE_DIR"}
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, env=env)
+    assert out.returncode == 0, out.stderr[-2000:]
 
 
 def test_this_machine_can_compile():
@@ -77,6 +89,9 @@ def test_layers_reading_one_input_share_one_gemm_when_compiled(minilm, texts):
         # the very same integer arithmetic as three GEMMs, and eager is untouched
         assert all(torch.equal(a, b) for a, b in zip(got, minilm.run(unshared, batch)))
         assert all(torch.equal(a, b) for a, b in zip(minilm.run(qm.module, batch), minilm.run(plain, batch)))
+    # smoothed layer by layer, the three quantize their input differently: nothing to share
+    apart = quantize_model(minilm, "dynamic-int8", {"smooth_jointly": False}).module
+    assert share_input_gemms(apart, lambda m: minilm.run(m, texts[:2])) == 0
 
 
 def test_repeated_pure_computations_are_merged_but_not_random_or_mutated_ones():
