@@ -38,7 +38,9 @@ class EmbedAPI(ls.LitAPI):
         torch.set_num_threads(self.threads)
         self.tm = load_task_model("minilm")
         module = self.tm.module if self.variant == "fp32" else quantize_model(self.tm, "dynamic-int8").module
-        self.module = compile_module(module, probe=lambda m: self.tm.run(m, eval_texts()[:2])) if self.compile else module
+        if self.compile:
+            module = compile_module(module, probe=lambda m: self.tm.run(m, eval_texts()[:2]))
+        self.module = module
         warm_up(self._embed, eval_texts()[:4])
         if self.compile:
             self.module = Settled(self.module)  # as the service serves it

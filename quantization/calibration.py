@@ -11,20 +11,16 @@ Batch = dict[str, torch.Tensor]
 
 
 def collect_layer_inputs(module: nn.Module, names: list[str], calibration: list[Batch] | None,
-                         fn: Callable[[str, torch.Tensor], Any], detach: bool = True) -> None:
+                         fn: Callable[[str, torch.Tensor], Any]) -> None:
     """Run calibration batches through the FP32 module, calling fn(name, input) for each layer.
 
     Padding tokens are dropped first (with the batch's attention mask) so that they do not widen
-    the observed ranges: at run time they never matter to the output. ``detach=False`` hands over
-    the layer's input tensor itself (to tell which layers read the same one).
+    the observed ranges: at run time they never matter to the output.
     """
     current_mask: list[torch.Tensor | None] = [None]
 
     def hook_for(name: str):
         def hook(_mod, args):
-            if not detach:
-                fn(name, args[0])
-                return
             x = args[0].detach().float()
             mask = current_mask[0]
             if mask is not None and x.dim() == 3 and x.shape[:2] == mask.shape:
@@ -43,6 +39,34 @@ def collect_layer_inputs(module: nn.Module, names: list[str], calibration: list[
             h.remove()
 
 
+def layers_sharing_inputs(module: nn.Module, names: list[str], run: Callable[[], Any]) -> list[tuple[str, ...]]:
+    """Groups (two or more) of the named layers that received the very same input tensor on every call in run().
+
+    Attention's query, key and value read the same hidden states; a layer also called on other inputs
+    (or with other company) belongs to no group.
+    """
+    readers: dict[int, tuple[torch.Tensor, list[str]]] = {}
+
+    def hook_for(name: str):
+        def hook(_mod, args):
+            # the tensor is kept so that its id cannot be reused by another input during the run
+            readers.setdefault(id(args[0]), (args[0], []))[1].append(name)
+        return hook
+
+    handles = [module.get_submodule(n).register_forward_pre_hook(hook_for(n)) for n in names]
+    try:
+        with torch.inference_mode():
+            run()
+    finally:
+        for h in handles:
+            h.remove()
+    groups_of: dict[str, set[tuple[str, ...]]] = {}
+    for _, group in readers.values():
+        for name in group:
+            groups_of.setdefault(name, set()).add(tuple(dict.fromkeys(group)))
+    return sorted({group for found in groups_of.values() for group in found
+                   if len(group) > 1 and all(groups_of[n] == {group} for n in group)})
+
 
 def smoothing_factors(module: nn.Module, names: list[str], calibration: list[Batch] | None,
                       alpha: float, joint: bool = False) -> dict[str, torch.Tensor]:
@@ -58,27 +82,16 @@ def smoothing_factors(module: nn.Module, names: list[str], calibration: list[Bat
     (:func:`quantization.layers.share_input_gemms`).
     """
     absmax: dict[str, torch.Tensor] = {}
-    readers: dict[int, tuple[torch.Tensor, list[str]]] = {}
 
     def channel_absmax(name: str, x: torch.Tensor) -> None:
         m = x.abs().reshape(-1, x.shape[-1]).amax(0)
         absmax[name] = torch.maximum(absmax[name], m) if name in absmax else m
 
-    def record(name: str, x: torch.Tensor) -> None:
-        # the tensor is kept so that its id cannot be reused by another input during the pass
-        readers.setdefault(id(x), (x, []))[1].append(name)
-
     collect_layer_inputs(module, names, calibration, channel_absmax)
-    groups = {name: [name] for name in names}
+    groups: dict[str, tuple[str, ...]] = {name: (name,) for name in names}
     if joint and calibration:
-        collect_layer_inputs(module, names, calibration[:1], record, detach=False)
-        groups_of: dict[str, set[tuple[str, ...]]] = {}
-        for _, group in readers.values():
-            for name in group:
-                groups_of.setdefault(name, set()).add(tuple(dict.fromkeys(group)))
-        for name, found in groups_of.items():
-            if len(found) == 1 and all(groups_of[n] == found for n in next(iter(found))):
-                groups[name] = list(next(iter(found)))
+        for group in layers_sharing_inputs(module, names, lambda: module(**calibration[0])):
+            groups.update(dict.fromkeys(group, group))
     factors = {}
     for name in names:
         w_absmax = torch.stack([module.get_submodule(n).weight.detach().float().abs().amax(0)

@@ -21,6 +21,7 @@ import torch
 from torch import nn
 
 from .affine import QScheme, choose_qparams, compute_qparams, quantize
+from .calibration import layers_sharing_inputs
 
 INT8_SYM = QScheme(bits=8, symmetric=True, signed=True)
 
@@ -116,9 +117,9 @@ class _Int8GemmLinear(QuantizedLinear):
         w = self.weight_int8.float() * scale
         return w / self.smooth if self.has_smooth else w
 
-    def _flat_input(self, x: torch.Tensor) -> torch.Tensor:
+    def _flat_input(self, x: torch.Tensor, smooth: torch.Tensor | None = None) -> torch.Tensor:
         x2 = x.reshape(-1, self.in_features).float()
-        return x2 / self.smooth if self.has_smooth else x2
+        return x2 / (self.smooth if smooth is None else smooth) if self.has_smooth else x2
 
     def _gemm(self, q: torch.Tensor, x_scale: torch.Tensor, x_zero: torch.Tensor | None,
               weight: tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor | None] | None = None
@@ -201,8 +202,7 @@ class DynamicInt8Linear(_Int8GemmLinear):
         if self.shared_columns is not None and torch.compiler.is_compiling():
             # every layer of the group computes the whole shared product from the same input with the same
             # tensors; the compiler merges the identical computations into one, and each layer keeps its columns
-            x2 = x.reshape(-1, self.in_features).float()
-            q, scale, zero = self._quantize_input(x2 / self.shared_smooth if self.has_smooth else x2)
+            q, scale, zero = self._quantize_input(self._flat_input(x, self.shared_smooth))
             start, stop = self.shared_columns
             y = self._gemm(q, scale, zero, (self.shared_weight, self.shared_scale, self.shared_zero_point_term,
                                             self.shared_bias))[:, start:stop]
@@ -265,30 +265,12 @@ def share_input_gemms(module: nn.Module, probe: Callable[[nn.Module], Any]) -> i
     elimination runs once. Eager forwards are unchanged. Call it before ``torch.compile``, and do not
     move the module afterwards (a move copies each layer's buffers apart).
     """
-    layers = [m for m in module.modules() if type(m) is DynamicInt8Linear and m.weight_granularity == "channel"]
-    inputs: dict[int, tuple[torch.Tensor, list[DynamicInt8Linear]]] = {}
-
-    def record(layer: nn.Module, args: tuple[Any, ...]) -> None:
-        # the tensor is kept, so its id cannot be reused by another input during the probe
-        inputs.setdefault(id(args[0]), (args[0], []))[1].append(layer)
-
-    hooks = [m.register_forward_pre_hook(record) for m in layers]
-    try:
-        with torch.inference_mode():
-            probe(module)
-    finally:
-        for h in hooks:
-            h.remove()
-    groups_of: dict[int, set[tuple[int, ...]]] = {}
-    for _, readers in inputs.values():
-        group = tuple(dict.fromkeys(id(m) for m in readers))
-        for m in readers:
-            groups_of.setdefault(id(m), set()).add(group)
-    by_id = {id(m): m for m in layers}
+    names = [n for n, m in module.named_modules()
+             if type(m) is DynamicInt8Linear and m.weight_granularity == "channel"]
     fused = 0
-    for group in {next(iter(g)) for g in groups_of.values() if len(g) == 1}:
-        members = [by_id[i] for i in group]
-        if len(members) < 2 or any(groups_of[i] != {group} for i in group) or not _compatible(members):
+    for group in layers_sharing_inputs(module, names, lambda: probe(module)):
+        members = [module.get_submodule(n) for n in group]
+        if not _compatible(members):
             continue
         shared = {"shared_weight": torch.cat([m.weight_int8 for m in members]),
                   "shared_scale": torch.cat([m.weight_scale for m in members]),
