@@ -13,8 +13,9 @@ to sleep and wakes them again in every region: a compiled MiniLM int8 forward of
 took 2.1 ms with one team and 6.9 ms after four other threads had run models. A batcher that
 shares the lane cuts its batch only when the lane is its own, so requests that arrive while
 another variant's batch runs join the next batch instead of queueing as a batch of their own;
-and background work (shadow traffic) gets the lane only when no foreground batch is waiting, and
-only in batches (:data:`BACKGROUND_BATCH`), so it rarely stands in front of a client request.
+and background work (shadow traffic) gets the lane only when no foreground batch is waiting, only
+in batches (:data:`BACKGROUND_BATCH`) and only within a share of the lane's time, so it rarely
+stands in front of a client request and cannot eat into the throughput of served traffic.
 """
 
 from __future__ import annotations
@@ -53,6 +54,12 @@ BACKGROUND_PATIENCE_S = 1.0
 # arrives while it runs: one-sentence shadow calls (5% of requests) put a 6-7 ms FP32 forward in front of
 # one request in twenty, inside p99; batched by 8 they delay one request in ~160, and cost less model time.
 BACKGROUND_BATCH = 8
+# Background work may take at most a set share of the lane's wall time (ModelLane.background_share; the
+# service's batching.shadow_budget). Unbudgeted, 5% FP32 shadow traffic took 12-18% of the model thread at
+# 32 clients of minilm int8 (the FP32 forward costs ~4x the int8 one): 502-540 vs 568-598 requests/s
+# without shadow, p99 112-144 vs 84-101 ms; at 1 client p99 10 vs 6 ms. Credit accrues at the share
+# per second of wall time, for at most this many seconds (a burst after a quiet spell stays short).
+BACKGROUND_CREDIT_S = 5.0
 
 
 class Shed(Exception):
@@ -74,11 +81,16 @@ class ModelLane:
     lane frees, because the requests queued behind it can change while it waits.
     """
 
-    def __init__(self, name: str = "model") -> None:
+    def __init__(self, name: str = "model", background_share: float = 0.02) -> None:
+        if not 0.0 <= background_share <= 1.0:
+            raise ValueError(f"background_share must be within 0..1, not {background_share}")
         self.executor = concurrent.futures.ThreadPoolExecutor(max_workers=1, thread_name_prefix=name)
         self._busy = False
         self._waiters: list[tuple[int, Callable[[], int], asyncio.Future[None]]] = []
         self._arrivals = itertools.count()
+        self.background_share = background_share
+        self._credit = background_share * BACKGROUND_CREDIT_S  # seconds of model time background work may take
+        self._credit_at = time.perf_counter()
 
     async def acquire(self, priority: Callable[[], int] = lambda: 0) -> None:
         if not self._busy and not self._waiters:
@@ -107,6 +119,26 @@ class ModelLane:
 
     def shutdown(self) -> None:
         self.executor.shutdown(wait=False)
+
+    # -- the background budget ------------------------------------------------------------------
+    def _refill(self) -> float:
+        now = time.perf_counter()
+        cap = self.background_share * BACKGROUND_CREDIT_S
+        self._credit = min(cap, self._credit + (now - self._credit_at) * self.background_share)
+        self._credit_at = now
+        return self._credit
+
+    def background_wait(self) -> float:
+        """Seconds until background work may take the lane again (0: now; inf: never, with a share of 0)."""
+        credit = self._refill()
+        if credit > 0:
+            return 0.0
+        return -credit / self.background_share if self.background_share > 0 else math.inf
+
+    def charge_background(self, seconds: float) -> None:
+        """Count ``seconds`` of model time spent on background work (the credit may go below zero)."""
+        self._refill()
+        self._credit -= seconds
 
 
 class BatcherClosed(Exception):
@@ -206,9 +238,10 @@ class DynamicBatcher:
         """Queue `items` and wait for their outputs; cancelling the caller drops what is still queued.
 
         ``background``: no client waits on these outputs; on a shared lane they run only when no
-        foreground batch is waiting, gather into batches of ``BACKGROUND_BATCH`` (for at most half their
-        patience), and raise :class:`Shed` once they have waited ``BACKGROUND_PATIENCE_S`` (under sustained
-        load they would only grow a backlog)."""
+        foreground batch is waiting and within the lane's background share, gather into batches of
+        ``BACKGROUND_BATCH`` (for at most half their patience), and raise :class:`Shed` once they have
+        waited ``BACKGROUND_PATIENCE_S`` (under sustained load they would only grow a backlog), or at
+        once when the share is spent for longer than that."""
         if self._closing:
             raise BatcherClosed(f"batcher {self.name} is stopped")
         if not items:
@@ -220,6 +253,9 @@ class DynamicBatcher:
             raise ValueError(f"{len(costs)} costs for {len(items)} items")
         if any(c < 0 for c in costs):
             raise ValueError("item costs must be >= 0")
+        if background and self._lane is not None and self._lane.background_wait() > BACKGROUND_PATIENCE_S:
+            raise Shed(f"batcher {self.name}: the lane's background share "
+                       f"({self._lane.background_share:.0%} of its time) is spent")
         if self._queued_items + len(items) > self.config.max_queue:
             raise QueueFull(f"batcher {self.name}: {self._queued_items} items queued, limit "
                             f"{self.config.max_queue}", retry_after_s=self._retry_after())
@@ -256,6 +292,9 @@ class DynamicBatcher:
                     if self._closing:
                         return
                     await self._sleep(None)  # idle: until a submit or stop
+                    continue
+                self._shed_stale_background()
+                if not self._queue:
                     continue
                 pause = self._pause(wait_s)
                 if pause > 0:
@@ -303,12 +342,16 @@ class DynamicBatcher:
         return min(self._queue[0].submitted + wait_s, quiet_until) - time.perf_counter()
 
     def _background_hold(self) -> float:
-        """Seconds background-only work should still wait for more of its kind (0: run it now)."""
-        enough = min(BACKGROUND_BATCH, self.config.max_batch_size)
-        if (self._closing or self._lane is None or self._queued_items >= enough
-                or any(not req.background for req in self._queue)):
+        """Seconds background-only work should still wait: for more of its kind, or for the lane's
+        background share (0: run it now); never past the head's patience, when it is shed instead."""
+        if self._closing or self._lane is None or any(not req.background for req in self._queue):
             return 0.0
-        return self._queue[0].submitted + BACKGROUND_PATIENCE_S / 2 - time.perf_counter()
+        now = time.perf_counter()
+        head = self._queue[0].submitted
+        enough = min(BACKGROUND_BATCH, self.config.max_batch_size)
+        gather = 0.0 if self._queued_items >= enough else head + BACKGROUND_PATIENCE_S / 2 - now
+        hold = max(gather, self._lane.background_wait())
+        return min(hold, head + BACKGROUND_PATIENCE_S - now) if hold > 0 else 0.0
 
     def _lane_priority(self) -> int:
         """0 when a client waits on something queued here, 1 for background work only."""
@@ -369,6 +412,7 @@ class DynamicBatcher:
             raise
         except Exception as exc:  # noqa: BLE001 - any model error fails this batch only
             self._recent.append(time.perf_counter() - start)
+            self._charge_background(batch, size, time.perf_counter() - start)
             log.warning("event=batch_failed batcher=%s size=%d requests=%s error=%r", self.name, size,
                         ",".join(req.tag or "-" for req, _, _ in batch), exc)
             for req, _, _ in batch:
@@ -376,6 +420,7 @@ class DynamicBatcher:
             return
         seconds = time.perf_counter() - start
         self._recent.append(seconds)
+        self._charge_background(batch, size, seconds)
         i = 0
         for req, a, b in batch:
             for j in range(a, b):
@@ -395,6 +440,12 @@ class DynamicBatcher:
                 log.exception("batcher %s: on_batch hook failed", self.name)
 
     # -- helpers --------------------------------------------------------------------------------
+    def _charge_background(self, batch: _Batch, size: int, seconds: float) -> None:
+        """Charge the lane for the background items' share of a model call."""
+        background = sum(b - a for req, a, b in batch if req.background)
+        if background and self._lane is not None:
+            self._lane.charge_background(seconds * background / size)
+
     def _unqueue(self, req: _Request) -> None:
         """Remove the not-yet-taken items of `req` from the queue (cancel, failure, closing)."""
         try:

@@ -124,6 +124,9 @@ class BatchingConfig(_Strict):
                                "without an arrival ends the wait); one after a quiet spell runs at once")
     max_batch_tokens: int = Field(8192, ge=16)
     max_queue: int = Field(1024, ge=1, description="inputs waiting per variant before requests get 429")
+    shadow_budget: float = Field(0.02, ge=0.0, le=1.0, description="the most of the model thread's time shadow "
+                                 "traffic may take (a fraction); shadow samples beyond it are dropped and counted "
+                                 "in shadow_shed_total, so shadowing never costs served traffic more than this")
 
 
 # Hard ceilings of the request schemas (what /openapi.json states); the configured limits sit at or below them.

@@ -128,7 +128,7 @@ class Registry:
         self.error: str | None = None
         self.progress: list[str] = []
         # every model call of the process, start-up included, runs on this one thread (one OpenMP team)
-        self.lane = ModelLane()
+        self.lane = ModelLane(background_share=settings.batching.shadow_budget)
 
     # -- lookup --------------------------------------------------------------------------------
     def get(self, name: str | None, task: str) -> ServedModel:

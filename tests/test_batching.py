@@ -650,3 +650,74 @@ def test_background_work_gathers_into_batches_before_it_takes_the_lane(monkeypat
 
     _lane_pair(body, served, shadowed)
     assert shadowed.calls == [["s0", "s1", "s2"], [f"t{i}" for i in range(8)], ["u", "v"]]
+
+
+def test_background_work_takes_no_more_than_the_lanes_background_share(monkeypatch) -> None:
+    """Shadow samples beyond the share are shed (at once once the credit is spent), foreground never is."""
+    import service.batching as batching
+
+    monkeypatch.setattr(batching, "BACKGROUND_PATIENCE_S", 0.2)
+    served, shadowed = FakeModel(sleep_s=0.001), FakeModel(sleep_s=0.02)
+    share = 0.05
+    outcome = {"ran": 0, "shed": 0}
+
+    async def main() -> float:
+        lane = ModelLane("test-lane", background_share=share)
+        config = BatchConfig(max_batch_size=32, max_wait_ms=1)
+        a = DynamicBatcher("m/int8", served, config, lane=lane)
+        b = DynamicBatcher("m/fp32", shadowed, config, lane=lane)
+        await a.start()
+        await b.start()
+
+        async def shadow(i: int) -> None:
+            try:
+                await b.submit([f"s{i}"], background=True)
+                outcome["ran"] += 1
+            except batching.Shed:
+                outcome["shed"] += 1
+
+        start = time.perf_counter()
+        tasks = []
+        for i in range(300):  # a client sends back to back; every request is shadowed
+            assert (await a.submit([f"f{i}"])).outputs == [f"F{i}"]
+            tasks.append(asyncio.ensure_future(shadow(i)))
+            await asyncio.sleep(0.003)
+        await asyncio.gather(*tasks)
+        elapsed = time.perf_counter() - start
+        await a.stop()
+        await b.stop()
+        lane.shutdown()
+        return elapsed
+
+    elapsed = arun(main, served, shadowed, timeout=30)
+    assert len(served.calls) == 300  # every client request ran
+    assert outcome["ran"] + outcome["shed"] == 300 and outcome["shed"] > 0 and outcome["ran"] > 0
+    assert outcome["ran"] == len(shadowed.ran)
+    # 20 ms per background call: within the initial credit plus the share of the elapsed time, one call over
+    credit = share * (batching.BACKGROUND_CREDIT_S + elapsed)
+    assert len(shadowed.calls) * shadowed.sleep_s <= credit + shadowed.sleep_s + 0.01
+
+
+def test_a_background_share_of_zero_sheds_all_background_work() -> None:
+    served, shadowed = FakeModel(), FakeModel()
+
+    async def main() -> None:
+        import service.batching as batching
+
+        lane = ModelLane("test-lane", background_share=0.0)
+        config = BatchConfig(max_batch_size=32, max_wait_ms=1)
+        a = DynamicBatcher("m/a", served, config, lane=lane)
+        b = DynamicBatcher("m/b", shadowed, config, lane=lane)
+        await a.start()
+        await b.start()
+        with pytest.raises(batching.Shed):
+            await b.submit(["s"], background=True)
+        assert (await b.submit(["f"])).outputs == ["F"]  # foreground work on the same batcher runs
+        await a.stop()
+        await b.stop()
+        lane.shutdown()
+
+    arun(main, served, shadowed)
+    assert shadowed.ran == ["f"]
+    with pytest.raises(ValueError):
+        ModelLane("bad", background_share=1.5)
