@@ -55,10 +55,13 @@ BACKGROUND_PATIENCE_S = 1.0
 # one request in twenty, inside p99; batched by 8 they delay one request in ~160, and cost less model time.
 BACKGROUND_BATCH = 8
 # Background work may take at most a set share of the lane's wall time (ModelLane.background_share; the
-# service's batching.shadow_budget). Unbudgeted, 5% FP32 shadow traffic took 12-18% of the model thread at
-# 32 clients of minilm int8 (the FP32 forward costs ~4x the int8 one): 502-540 vs 568-598 requests/s
-# without shadow, p99 112-144 vs 84-101 ms; at 1 client p99 10 vs 6 ms. Credit accrues at the share
-# per second of wall time, for at most this many seconds (a burst after a quiet spell stays short).
+# service's batching.shadow_budget). Unbudgeted, 5% FP32 shadow samples (an FP32 forward costs ~4x an int8
+# one) ran after most foreground batches once clients overlapped: the lane passes to a waiting background
+# batch whenever the foreground batcher is between batches. minilm int8, 5% shadow, one run, 4 rounds
+# (unbudgeted / 2% budget / no shadow): 8 clients 461-538 / 534-603 / 545-661 requests/s, p99 45-53 /
+# 27-38 / 26-32 ms; 32 clients 475-522 / 524-583 / 552-617 requests/s; 1 client p99 8.5-9.0 / 5.5-7.5 /
+# 4.6-8.3 ms. Credit accrues at the share per second of wall time, for at most this many seconds (a
+# burst after a quiet spell stays short).
 BACKGROUND_CREDIT_S = 5.0
 
 
