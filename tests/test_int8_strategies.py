@@ -93,3 +93,33 @@ def test_batched_results_match_one_by_one(minilm, texts):
     alone = torch.cat([minilm.run(qm.module, [t]) for t in texts[:12]])
     cos = torch.nn.functional.cosine_similarity(together, alone)
     assert float(cos.min()) > 0.9999  # static scales do not depend on what else is in the batch
+
+
+def test_one_row_calls_use_the_prepacked_kernel_and_compute_the_same_product(minilm):
+    """Decoding one sentence sends one row at a time: same quantization, same product, one packed call."""
+    import copy
+
+    from quantization.layers import DynamicInt8Linear
+
+    qm = quantize_model(minilm, "dynamic-int8")
+    layer = qm.module.get_submodule("model.encoder.layer.0.intermediate.dense")
+    assert isinstance(layer, DynamicInt8Linear) and layer.has_smooth
+    torch.manual_seed(0)
+    rows = torch.randn(5, layer.in_features) * 3
+    with torch.inference_mode():
+        general = layer(rows)  # five rows: torch._int_mm, per-row scales
+        single = torch.cat([layer(r.reshape(1, 1, -1)).reshape(1, -1) for r in rows])
+    kernel = layer.__dict__.get("_row_kernel")
+    assert kernel is not None and kernel is not False  # the one-row path ran
+    torch.testing.assert_close(single, general, rtol=1e-5, atol=1e-5)
+    assert (single - general).abs().max() < 1e-3 * general.abs().max()
+    # a copy or a pickle leaves the packed kernel behind and packs its own; new weights are packed again
+    clone = copy.deepcopy(layer)
+    assert "_row_kernel" not in clone.__dict__
+    with torch.inference_mode():
+        torch.testing.assert_close(clone(rows[:1]), single[:1])
+    layer.load_state_dict(layer.state_dict())
+    assert "_row_kernel" not in layer.__dict__
+    # an input that needs gradients takes the general path (the packed kernel has no backward)
+    x = rows[:1].clone().requires_grad_(True)
+    assert layer(x).shape == (1, layer.out_features) and "_row_kernel" not in layer.__dict__
