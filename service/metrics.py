@@ -52,7 +52,7 @@ class Metrics:
                                           "Inputs compared between a served variant and its shadow", VARIANT,
                                           registry=r)
         self.shadow_shed = Counter(f"{PREFIX}_shadow_shed_total",
-                                   "Shadow requests dropped because served traffic kept the model busy", VARIANT,
+                                   "Shadow requests dropped: served traffic kept the model busy, or the shadow budget was spent", VARIANT,
                                    registry=r)
         self.info = Gauge(f"{PREFIX}_model_info", "Static facts about each variant (value is always 1)",
                           (*VARIANT, "strategy", "runtime", "source"), registry=r)
