@@ -186,6 +186,8 @@ class DynamicBatcher:
                  executor: concurrent.futures.Executor | None = None, lane: ModelLane | None = None) -> None:
         if config.max_batch_size < 1 or config.max_queue < 1 or config.max_wait_ms < 0:
             raise ValueError(f"invalid batch config: {config}")
+        if executor is not None and lane is not None:
+            raise ValueError("give an executor or a lane (which brings its own), not both")
         self.name = name
         self.config = config
         self._run_batch = run_batch

@@ -698,6 +698,17 @@ def test_background_work_takes_no_more_than_the_lanes_background_share(monkeypat
     assert len(shadowed.calls) * shadowed.sleep_s <= credit + shadowed.sleep_s + 0.01
 
 
+def test_a_batcher_takes_an_executor_or_a_lane_not_both() -> None:
+    lane = ModelLane("test-lane")
+    pool = concurrent.futures.ThreadPoolExecutor(max_workers=1)
+    try:
+        with pytest.raises(ValueError, match="not both"):
+            DynamicBatcher("m/a", FakeModel(), BatchConfig(), executor=pool, lane=lane)
+    finally:
+        pool.shutdown()
+        lane.shutdown()
+
+
 def test_a_background_share_of_zero_sheds_all_background_work() -> None:
     served, shadowed = FakeModel(), FakeModel()
 
