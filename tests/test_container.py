@@ -82,7 +82,12 @@ def image() -> str:
                  "-v", f"{wheels}:{wheels}:ro"]
     if os.path.isfile(CA_BUNDLE):
         args += ["--build-arg", f"PIP_CERT={CA_BUNDLE}", "-v", f"{CA_BUNDLE}:{CA_BUNDLE}:ro"]
+    started = int(time.time())
     podman(*args, str(ROOT), timeout=1800)
+    # earlier builds of the image and their build stages, untagged by this one, would pile up (GBs each);
+    # this build's own stages stay as the layer cache of the next
+    podman("image", "prune", "-f", "--filter", "label=org.opencontainers.image.title=quantserve",
+           "--filter", f"until={started}", check=False)
     return IMAGE
 
 
