@@ -51,9 +51,11 @@ class Metrics:
         self.shadow_comparisons = Counter(f"{PREFIX}_shadow_comparisons_total",
                                           "Inputs compared between a served variant and its shadow", VARIANT,
                                           registry=r)
-        self.shadow_shed = Counter(f"{PREFIX}_shadow_shed_total",
-                                   "Shadow requests dropped: served traffic kept the model busy, or the shadow budget was spent", VARIANT,
-                                   registry=r)
+        self.shadow_shed = Counter(f"{PREFIX}_shadow_shed_total", "Shadow requests dropped: served traffic kept "
+                                   "the model busy, or the shadow budget was spent", VARIANT, registry=r)
+        self.late_compiles = Counter(f"{PREFIX}_late_compiles_total",
+                                     "Graphs a compiled variant compiled while serving, for an input its warm-up did not "
+                                     "cover (each stalls its batch for seconds)", VARIANT, registry=r)
         self.info = Gauge(f"{PREFIX}_model_info", "Static facts about each variant (value is always 1)",
                           (*VARIANT, "strategy", "runtime", "source"), registry=r)
         self.ready = Gauge(f"{PREFIX}_ready", "1 once every model and variant is built and warmed up", registry=r)
@@ -66,7 +68,7 @@ class Metrics:
             self.requests.labels(*labels, endpoint, "200")
             self.request_seconds.labels(*labels, endpoint)
         for metric in (self.queue_seconds, self.inference_seconds, self.batch_size, self.inputs, self.tokens,
-                       self.shadow_comparisons, self.shadow_shed):
+                       self.shadow_comparisons, self.shadow_shed, self.late_compiles):
             metric.labels(*labels)
         self.weight_bytes.labels(*labels).set(weight_bytes)
         self.memory_bytes.labels(*labels).set(memory_bytes)

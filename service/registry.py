@@ -317,11 +317,16 @@ def _runner(adapter: TaskAdapter, module: Any):
 
 def _observer(metrics: Metrics, v: Variant):
     labels = (v.model, v.task, v.name)
+    seen = {"late_compiles": getattr(v.module, "late_compiles", 0)}
 
     def on_batch(size: int, cost: int, seconds: float) -> None:
         metrics.batch_size.labels(*labels).observe(size)
         metrics.inference_seconds.labels(*labels).observe(seconds)
         metrics.inputs.labels(*labels).inc(size)
         metrics.tokens.labels(*labels).inc(cost)
+        late = getattr(v.module, "late_compiles", 0)  # a compiled variant's count (quantization.compiled.Settled)
+        if late > seen["late_compiles"]:
+            metrics.late_compiles.labels(*labels).inc(late - seen["late_compiles"])
+            seen["late_compiles"] = late
 
     return on_batch

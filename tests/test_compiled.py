@@ -7,6 +7,7 @@ import gc
 import os
 import subprocess
 import sys
+from types import SimpleNamespace
 
 import httpx
 import torch
@@ -17,7 +18,7 @@ from quantization.fidelity import fidelity
 from quantization.layers import share_input_gemms
 from quantization.pipeline import quantize_model
 from service.metrics import Metrics
-from service.registry import Registry
+from service.registry import Registry, _observer
 from service.config import load_settings
 from live_service import running_service
 
@@ -158,10 +159,18 @@ def test_settled_modules_call_their_own_graph_directly_for_every_shape(minilm, t
     assert [s.late_compiles for s in settled] == [0, 0]
     # an input no warmed graph fits (tensors made outside inference mode) compiles late instead of failing
     batch = {k: v.clone() for k, v in minilm.tokenizer(texts[:3], padding=True, return_tensors="pt").items()}
+    metrics = Metrics()  # the service counts them per variant after each batch
+    on_batch = _observer(metrics, SimpleNamespace(model="minilm", task="embed", name="int8", module=settled[0]))
     with torch.inference_mode():
         got = settled[0](**batch)
         assert settled[0].late_compiles == 1 and torch.equal(got, compiled[0](**batch))
         assert torch.equal(settled[0](**batch), got) and settled[0].late_compiles == 1  # once
+    late = lambda: metrics.registry.get_sample_value(  # noqa: E731
+        "quantserve_late_compiles_total", {"model": "minilm", "task": "embed", "variant": "int8"})
+    on_batch(3, 30, 0.01)
+    assert late() == 1
+    on_batch(3, 30, 0.01)
+    assert late() == 1
     # a signature dynamo runs as more than one graph is never called directly
     plain = TwoGraphs()
     x = torch.randn(3, 4)
