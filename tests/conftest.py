@@ -2,15 +2,18 @@
 
 from __future__ import annotations
 
+import atexit
 import os
+import shutil
 import tempfile
 
 import pytest
 
 # The default config serves `sentiment` once it has been trained on this machine; tests of the
 # default config must not depend on that, so they look for trained models in an empty directory
-# (tests of the trained model point this at their own).
+# (tests of the trained model point this at their own), removed when the session ends.
 os.environ["QUANTIZATION_MODELS_DIR"] = tempfile.mkdtemp(prefix="no-trained-models-")
+atexit.register(shutil.rmtree, os.environ["QUANTIZATION_MODELS_DIR"], True)
 
 from quantization.models import TaskModel, load_task_model
 from quantization.pipeline import calibration_texts, eval_texts
