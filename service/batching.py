@@ -348,7 +348,7 @@ class DynamicBatcher:
 
     def _background_hold(self) -> float:
         """Seconds background-only work should still wait: for more of its kind, or for the lane's
-        background share (0: run it now); never past the head's patience, when it is shed instead."""
+        background share (0: run it now); at most until the head's patience runs out and it is shed."""
         if self._closing or self._lane is None or any(not req.background for req in self._queue):
             return 0.0
         now = time.perf_counter()
@@ -356,7 +356,10 @@ class DynamicBatcher:
         enough = min(BACKGROUND_BATCH, self.config.max_batch_size)
         gather = 0.0 if self._queued_items >= enough else head + BACKGROUND_PATIENCE_S / 2 - now
         hold = max(gather, self._lane.background_wait())
-        return min(hold, head + BACKGROUND_PATIENCE_S - now) if hold > 0 else 0.0
+        if hold <= 0:
+            return 0.0
+        # wake when the head's patience runs out (the worker sheds it then), never to run it over budget
+        return max(min(hold, head + BACKGROUND_PATIENCE_S - now), 0.001)
 
     def _lane_priority(self) -> int:
         """0 when a client waits on something queued here, 1 for background work only."""
@@ -416,8 +419,9 @@ class DynamicBatcher:
                 self._fail(req, BatcherClosed(f"batcher {self.name} stopped during a model call"))
             raise
         except Exception as exc:  # noqa: BLE001 - any model error fails this batch only
-            self._recent.append(time.perf_counter() - start)
-            self._charge_background(batch, size, time.perf_counter() - start)
+            seconds = time.perf_counter() - start
+            self._recent.append(seconds)
+            self._charge_background(batch, size, seconds)
             log.warning("event=batch_failed batcher=%s size=%d requests=%s error=%r", self.name, size,
                         ",".join(req.tag or "-" for req, _, _ in batch), exc)
             for req, _, _ in batch:
