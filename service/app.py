@@ -13,6 +13,7 @@ from fastapi.middleware.cors import CORSMiddleware
 from .api import dashboard, health, inference, models, translate
 from .config import Settings
 from .errors import install_error_handlers
+from .fastroutes import FastRoutes
 from .metrics import Metrics
 from .middleware import ApiKeyMiddleware, BodyGuardMiddleware, Lifecycle, RequestContextMiddleware
 from .registry import Registry, StartupError
@@ -22,11 +23,13 @@ from .serving import Serving
 log = logging.getLogger("service")
 
 
-def create_app(settings: Settings, on_startup_failure: Callable[[str], None] | None = None) -> FastAPI:
+def create_app(settings: Settings, on_startup_failure: Callable[[str], None] | None = None, *,
+               fast_routes: bool = True) -> FastAPI:
     """The app; models are built in the background so /livez answers while /readyz says 503.
 
     ``on_startup_failure(message)`` is called with one sentence if a model cannot be built
-    (``python -m service`` uses it to stop the server and exit non-zero).
+    (``python -m service`` uses it to stop the server and exit non-zero). ``fast_routes=False`` leaves
+    the inference routes to FastAPI's own request handling (the reference the fast path is tested against).
     """
     metrics = Metrics()
     registry = Registry(settings, metrics)
@@ -69,6 +72,8 @@ def create_app(settings: Settings, on_startup_failure: Callable[[str], None] | N
         app.include_router(router)
     app.include_router(dashboard.router)
     # added innermost first: the request context wraps everything, so every answer carries its id
+    if fast_routes:
+        app.add_middleware(FastRoutes, serving=serving)
     app.add_middleware(BodyGuardMiddleware, max_body_bytes=settings.limits.max_body_bytes)
     keys = settings.auth.keys()
     if keys:

@@ -221,3 +221,72 @@ def test_request_tokenizing_and_embedding_output_match_the_library_paths(minilm,
     for normalize in (True, False):
         got = torch.tensor(TaskAdapter.embedding(vector, normalize))
         assert torch.allclose(got, F.normalize(vector, dim=0) if normalize else vector, atol=1e-7)
+
+
+# Requests the fast path answers itself, and requests it must leave to FastAPI (the last group).
+SAME_ANSWER_CASES = [
+    ("/v1/embed", {}, {"inputs": ["the fast path", "and its reference"], "variant": "int8"}),
+    ("/v1/embed", {"X-Variant": "fp32"}, {"inputs": ["not normalised"], "normalize": False}),
+    ("/v1/embed", {"X-Request-Key": "user-7"}, {"inputs": ["word " * 400], "truncation": "truncate"}),
+    ("/v1/embed", {}, {"inputs": ["word " * 400], "truncation": "error"}),
+    ("/v1/embed", {}, {"inputs": ["x"], "variant": "int4"}),
+    ("/v1/classify", {"X-Variant": "int8"}, {"inputs": ["book me a flight to Lisbon", "hello"], "top_k": 3}),
+    ("/v1/embeddings", {"X-Variant": "int8"}, {"model": "minilm", "input": "hi", "encoding_format": "base64",
+                                               "user": "u1"}),
+    ("/v1/embeddings", {}, {"model": "minilm", "input": ["x"], "dimensions": 12}),
+    ("/v1/translate", {"X-Variant": "int8"}, {"inputs": ["The house is small."], "target_lang": "pt"}),
+    ("/v1/translate", {}, {"inputs": ["x"], "source_lang": "en", "target_lang": "de"}),
+    ("/v1/embed", {}, b'{"inputs": ["x"'),
+    ("/v1/embed", {}, b""),
+    ("/v1/embed", {"Content-Type": None}, b'{"inputs": ["x"]}'),
+    ("/v1/embed", {}, b"\xff\xfe\x00\xd8"),
+    ("/v1/embed", {}, b"[" * 3000 + b"]" * 3000),
+    ("/v1/embed", {}, [{"inputs": ["x"]}]),
+    ("/v1/embed", {}, {"inputs": [1]}),
+    ("/v1/embed", {}, b'{"inputs": ["\\ud800"]}'),
+    ("/v1/classify", {}, {"inputs": ["x"], "top_k": 0, "colour": "red"}),
+]
+
+
+def test_the_fast_routes_answer_exactly_as_fastapi_does(server):
+    """Same status, headers and body from the fast path (served app) and FastAPI's own handling.
+
+    The reference is a second app without the fast path sharing the served app's models, called
+    in-process; timings and request ids differ per request and are left out of the comparison.
+    """
+    base, app, _ = server
+    reference = create_app(app.state.settings, fast_routes=False)
+    reference.state.registry, reference.state.serving = app.state.registry, app.state.serving
+
+    def normalised(r: httpx.Response):
+        body = r.json()
+        for key in ("queue_seconds", "inference_seconds"):
+            body.pop(key, None)
+        body.get("error", {}).pop("request_id", None)
+        headers = {k: v for k, v in r.headers.items() if k in ("content-type", "x-variant", "retry-after")}
+        return r.status_code, headers, body
+
+    async def both(path, headers, content):
+        kwargs = {"json": content} if not isinstance(content, bytes) else {"content": content}
+        headers = {"Content-Type": "application/json", **headers}
+        headers = {k: v for k, v in headers.items() if v is not None}
+        async with httpx.AsyncClient(base_url=base) as live, httpx.AsyncClient(
+                transport=httpx.ASGITransport(app=reference), base_url="http://reference") as ref:
+            if "json" in kwargs:  # the same bytes to both
+                kwargs = {"content": httpx.Request("POST", "/", json=content).content}
+            return (await live.post(path, headers=headers, **kwargs),
+                    await ref.post(path, headers=headers, **kwargs))
+
+    for path, headers, content in SAME_ANSWER_CASES:
+        fast, slow = asyncio.run(both(path, headers, content))
+        assert normalised(fast) == normalised(slow), (path, headers, content)
+        assert fast.status_code != 500, fast.text
+    assert fast.status_code == 422 and normalised(fast)[2]["error"]["fields"][0]["field"] == "top_k"
+
+
+def test_every_fast_route_is_a_documented_post_route(server):
+    from service.fastroutes import FAST_ROUTES
+
+    base, _, _ = server
+    paths = httpx.get(f"{base}/openapi.json").json()["paths"]
+    assert FAST_ROUTES and all("post" in paths.get(p, {}) for p in FAST_ROUTES), sorted(FAST_ROUTES)

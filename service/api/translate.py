@@ -5,6 +5,7 @@ from __future__ import annotations
 from fastapi import APIRouter, Response
 
 from ..errors import InvalidInput, UnsupportedLanguages
+from ..fastroutes import fast_route
 from ..registry import ServedModel
 from ..schemas import TranslateRequest, TranslateResponse, error_responses
 from ..serving import Serving, as_results
@@ -39,22 +40,28 @@ def _pick_model(serving: Serving, req: TranslateRequest) -> str | None:
                                supported=supported.split(", "))
 
 
-@router.post("/translate", response_model=TranslateResponse, summary="Translations from one variant")
-async def translate(req: TranslateRequest, response: Response, serving: ServingDep, x_variant: VariantHeader = None,
-                    x_request_key: RequestKeyHeader = None) -> TranslateResponse:
+@fast_route("/v1/translate", TranslateRequest)
+async def answer_translate(serving: Serving, req: TranslateRequest, x_variant: str | None,
+                           x_request_key: str | None) -> tuple[TranslateResponse, str]:
     model = _pick_model(serving, req) if serving.registry.ready else req.model
     served, variant = serving.resolve(model, "translate", req.variant or x_variant, x_request_key)
     _check_options(served, variant.name, variant.module, req)
     out = await serving.infer(served, variant, req.inputs, "translate", truncation=req.truncation,
                               options={"beam_size": req.beam_size, "max_new_tokens": req.max_new_tokens})
-    response.headers["X-Variant"] = variant.name
     pair = (language_pair(served) or "-").partition("-")
     return TranslateResponse(
         model=served.name, variant=variant.name, source_lang=pair[0] or None, target_lang=pair[2] or None,
         results=as_results(served.adapter, out.outputs),
         usage={"input_tokens": out.tokens, "truncated": out.truncated,
                "generated_tokens": sum(t.generated_tokens for t in out.outputs)},
-        queue_seconds=out.batch.queue_seconds, inference_seconds=out.batch.inference_seconds)
+        queue_seconds=out.batch.queue_seconds, inference_seconds=out.batch.inference_seconds), variant.name
+
+
+@router.post("/translate", response_model=TranslateResponse, summary="Translations from one variant")
+async def translate(req: TranslateRequest, response: Response, serving: ServingDep, x_variant: VariantHeader = None,
+                    x_request_key: RequestKeyHeader = None) -> TranslateResponse:
+    body, response.headers["X-Variant"] = await answer_translate(serving, req, x_variant, x_request_key)
+    return body
 
 
 def _check_options(served: ServedModel, variant: str, module: object, req: TranslateRequest) -> None:
