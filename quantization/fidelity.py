@@ -40,7 +40,35 @@ def seq2seq_fidelity(reference: list[str], output: list[str]) -> dict[str, float
 
     same = sum(a == b for a, b in zip(reference, output))
     chrf = sacrebleu.corpus_chrf(list(output), [list(reference)]).score if reference else 0.0
-    return {"identical": same / max(len(reference), 1), "chrf": float(chrf), "n": len(reference)}
+    bad = sum(degenerate(o, r) for r, o in zip(reference, output))
+    return {"identical": same / max(len(reference), 1), "chrf": float(chrf),
+            "degenerate": bad / max(len(reference), 1), "n": len(reference)}
+
+
+def _longest_repeat(items: list[str], longest_unit: int = 3) -> int:
+    """How many times in a row the most repeated run of 1..longest_unit items occurs."""
+    best = 1
+    for unit in range(1, longest_unit + 1):
+        for start in range(len(items) - unit):
+            count = 1
+            while items[start + count * unit:start + (count + 1) * unit] == items[start:start + unit]:
+                count += 1
+            best = max(best, count)
+    return best
+
+
+def degenerate(output: str, reference: str) -> bool:
+    """A translation that has run away: far longer than the reference, or stuck repeating itself.
+
+    Repeating: a word, or a phrase of up to three words, four or more times in a row, or one character six
+    or more times ("Do Do Do Do", "JJJJJJ"), where the reference does not.
+    """
+    words, ref = output.split(), reference.split()
+    if len(words) > 2 * len(ref) + 8:
+        return True
+    if _longest_repeat(words) >= 4 > _longest_repeat(ref):
+        return True
+    return _longest_repeat(list(output), 1) >= 6 > _longest_repeat(list(reference), 1)
 
 
 def fidelity(task: str, reference: Any, output: Any) -> dict[str, float]:

@@ -21,6 +21,7 @@ from typing import Any, Callable, ClassVar
 import torch
 from torch import nn
 
+from . import kernels
 from .affine import QScheme, choose_qparams, compute_qparams, quantize
 from .calibration import layers_sharing_inputs
 
@@ -166,6 +167,9 @@ class DynamicInt8Linear(_Int8GemmLinear):
     """
 
     kind = "dynamic-int8"
+    # until quantization.tuning has measured this CPU: oneDNN, exact on every CPU (fast only with VNNI)
+    row_kernel: str = "onednn"
+    batch_kernel: str = "onednn"
 
     def __init__(self, in_features: int, out_features: int, has_bias: bool, weight_granularity: str = "channel",
                  smooth: bool = False, act_granularity: str = "token", act_symmetric: bool = False) -> None:
@@ -198,53 +202,44 @@ class DynamicInt8Linear(_Int8GemmLinear):
         zero = (-128 - torch.round(lo / scale)).clamp_(-128, 127)
         return (x2 / scale).round_().add_(zero).clamp_(-128, 127).to(torch.int8), scale, zero
 
-    def _single_row(self, x: torch.Tensor) -> torch.Tensor | None:
-        """The product of one row (decoding one sentence, a token at a time) through a prepacked kernel.
-
-        One row's per-token range is the whole input's, so FBGEMM's dynamic linear (uint8 activations,
-        asymmetric, from the input's own range; per-channel int8 weights packed once) quantizes it as
-        :meth:`_quantize_input` does, in one call instead of ~15 small ops and without oneDNN packing the
-        weight on every ``torch._int_mm``. 256 -> 1536 features here: 38.6 -> 13.4 us a call, outputs
-        within 2.4e-7. Translating one sentence at a time, 78% of the int8 layer calls have one row:
-        en-pt 68.8 -> 93.0 sentences/s in one process, all 32 outputs identical. None where the kernel is
-        unavailable (the quantized-tensor API it is packed through is deprecated upstream).
-        """
-        kernel = self.__dict__.get("_row_kernel")
-        if kernel is None:
-            kernel = self.__dict__["_row_kernel"] = self._pack_row_kernel()
-        if kernel is False:
-            return None
-        x2 = self._flat_input(x)
-        return torch.ops.quantized.linear_dynamic(x2, kernel, False)
-
-    def _pack_row_kernel(self) -> Any:
-        n = self.out_features
-        scale = self.weight_scale.double().flatten().expand(n).contiguous()
-        try:
-            with warnings.catch_warnings():
-                warnings.filterwarnings("ignore", message=".*quantized tensor creation functions.*deprecated")
-                weight = torch._make_per_channel_quantized_tensor(self.weight_int8, scale,
-                                                                  torch.zeros(n, dtype=torch.long), 0)
-            return torch.ops.quantized.linear_prepack(weight, self.bias)
-        except (RuntimeError, AttributeError, NotImplementedError):
-            return False
+    def float_weight(self) -> torch.Tensor:
+        """The dequantized weight for smoothed inputs (the ``fp32`` kernel's), made once when first asked for."""
+        w = self.__dict__.get("_float_weight")
+        if w is None:
+            scale = self.weight_scale.reshape(-1, 1) if self.weight_scale.numel() > 1 else self.weight_scale
+            w = self.__dict__["_float_weight"] = self.weight_int8.float() * scale
+        return w
 
     def __getstate__(self) -> dict[str, Any]:
         state = super().__getstate__()
-        return {k: v for k, v in state.items() if k != "_row_kernel"}  # derived; packed again on demand
+        return {k: v for k, v in state.items() if k != "_float_weight"}  # derived; made again on demand
 
     def _refresh(self) -> None:
         super()._refresh()
-        self.__dict__.pop("_row_kernel", None)  # new weights: pack again
+        self.__dict__.pop("_float_weight", None)  # new weights
+
+    def set_kernels(self, row: str, batch: str) -> None:
+        """The kernels for one-row inputs and for larger ones (:mod:`quantization.kernels`)."""
+        for kernel in (row, batch):
+            if kernel not in kernels.KERNELS:
+                raise ValueError(f"unknown kernel {kernel!r}; one of {', '.join(kernels.KERNELS)}")
+        self.row_kernel, self.batch_kernel = row, batch
+
+    def run_kernel(self, kernel: str, x2: torch.Tensor) -> torch.Tensor:
+        """The product of a flat, smoothed input through ``kernel``, as a [rows, out] float tensor."""
+        if kernel == "onednn":
+            q, scale, zero = self._quantize_input(x2)
+            return self._gemm(q, scale, zero)
+        if kernel == "fp32":
+            return kernels.fp32(self, x2)
+        return kernels.fbgemm(self, x2, kernels.PRECISION[kernel])
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         shape = x.shape
-        if (not torch.compiler.is_compiling() and not self.act_symmetric and x.numel() == self.in_features
-                and not x.requires_grad):  # the packed kernel has no backward
-            y = self._single_row(x)
-            if y is not None:
-                return y.reshape(*shape[:-1], self.out_features).to(x.dtype)
-        if self.shared_columns is not None and torch.compiler.is_compiling():
+        kernel = self.row_kernel if x.numel() == self.in_features else self.batch_kernel
+        if kernel.startswith("fbgemm") and (x.requires_grad or self.act_symmetric):
+            kernel = "onednn"  # FBGEMM's kernels have no backward and quantize asymmetrically
+        if kernel == "onednn" and self.shared_columns is not None and torch.compiler.is_compiling():
             # every layer of the group computes the whole shared product from the same input with the same
             # tensors; the compiler merges the identical computations into one, and each layer keeps its columns
             q, scale, zero = self._quantize_input(self._flat_input(x, self.shared_smooth))
@@ -252,8 +247,7 @@ class DynamicInt8Linear(_Int8GemmLinear):
             y = self._gemm(q, scale, zero, (self.shared_weight, self.shared_scale, self.shared_zero_point_term,
                                             self.shared_bias))[:, start:stop]
         else:
-            q, scale, zero = self._quantize_input(self._flat_input(x))
-            y = self._gemm(q, scale, zero)
+            y = self.run_kernel(kernel, self._flat_input(x))
         return y.reshape(*shape[:-1], self.out_features).to(x.dtype)
 
 
@@ -335,7 +329,7 @@ def share_input_gemms(module: nn.Module, probe: Callable[[nn.Module], Any]) -> i
 def _compatible(layers: list[DynamicInt8Linear]) -> bool:
     """Same input quantization (so one quantized input serves all), and all or none with a bias."""
     first = layers[0]
-    return all(m.in_features == first.in_features and m.act_granularity == first.act_granularity
+    return all(m.in_features == first.in_features and m.batch_kernel == "onednn" and m.act_granularity == first.act_granularity
                and m.act_symmetric == first.act_symmetric and m.has_smooth == first.has_smooth
                and (not m.has_smooth or torch.equal(m.smooth, first.smooth))
                and (m.bias is None) == (first.bias is None) for m in layers)

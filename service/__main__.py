@@ -11,7 +11,17 @@ import os
 # mean batch 5-6 -> 13, 0.29-0.31 -> 0.37-0.40 of in-process batched throughput, p99 560-620 -> 230-270 ms.
 os.environ.setdefault("GOMP_SPINCOUNT", "1000")
 
+from quantization.cpu import CpuProfileError, emulate  # noqa: E402  (imports no torch)
+
 from .memory import limit_malloc_arenas  # noqa: E402
+
+# QUANTSERVE_CPU_ISA=avx2 serves as an AVX2-only CPU would (oneDNN, FBGEMM and ATen capped; the CPU profile
+# and every kernel choice follow): before torch is imported, since the libraries read their caps once.
+try:
+    emulate()
+except CpuProfileError as exc:
+    print(f"quantserve: {exc}", file=__import__("sys").stderr)
+    raise SystemExit(2) from None
 
 limit_malloc_arenas()  # before torch and the server start threads that allocate
 

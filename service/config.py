@@ -36,6 +36,18 @@ class _Strict(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
 
+# What a quantized variant must keep, on the start-up probe set and in shadow traffic, to serve unpinned traffic.
+# Lower bounds, except the UPPER_BOUNDS. classify: one flip in the 64 default probe texts is within the bound.
+FIDELITY_BOUNDS: dict[str, dict[str, float]] = {
+    "embed": {"mean_cosine": 0.995, "min_cosine": 0.98},
+    "classify": {"top1_agreement": 0.98},
+    "translate": {"identical": 0.9, "chrf": 98.0, "degenerate": 0.0},
+}
+BOUND_METRICS = {"embed": ("mean_cosine", "min_cosine"), "classify": ("top1_agreement",),
+                 "translate": ("identical", "chrf", "degenerate")}
+UPPER_BOUNDS = frozenset({"degenerate"})
+
+
 class VariantConfig(_Strict):
     name: str = Field(pattern=NAME, description="variant name used in requests, e.g. fp32 or int8")
     strategy: str = Field(description="a quantization strategy (python -m quantization strategies lists them)")
@@ -86,6 +98,11 @@ class ModelConfig(_Strict):
     optional: bool = Field(False, description="serve this model only when its source is on this machine (e.g. "
                                               "`sentiment`, made by `python -m quantization finetune`); otherwise "
                                               "leave it out and start without it")
+    fidelity_bound: dict[str, float] | None = Field(
+        None, description="what a quantized variant must keep on the probe set (and in shadow traffic) to be the "
+                          "default, e.g. {mean_cosine: 0.995, min_cosine: 0.98}; lower bounds, except degenerate "
+                          "(share of translations that repeat or run away), an upper bound. Default by task: "
+                          "see FIDELITY_BOUNDS")
     languages: str | None = Field(None, pattern=r"^[a-z]{2,3}-[a-z]{2,3}$",
                                   description="translate only: the language pair, e.g. en-pt (built-in Bergamot "
                                               "models know their own)")
@@ -102,6 +119,11 @@ class ModelConfig(_Strict):
         for field, value in (("default", r.default), ("shadow_variant", r.shadow_variant)):
             if value is not None and value not in names:
                 raise ValueError(f"routing.{field} is {value!r}; write one of the variants: {', '.join(names)}")
+        allowed = BOUND_METRICS[self.task]
+        wrong = sorted(set(self.fidelity_bound or {}) - set(allowed))
+        if wrong:
+            raise ValueError(f"fidelity_bound names {', '.join(wrong)}; a {self.task} model's bounds are: "
+                             f"{', '.join(allowed)}")
         unknown = sorted(set(r.split or {}) - set(names))
         if unknown:
             raise ValueError(f"routing.split names {', '.join(unknown)}; write only variants: {', '.join(names)}")
@@ -110,6 +132,11 @@ class ModelConfig(_Strict):
     @property
     def default_variant(self) -> str:
         return self.routing.default or self.variants[0].name
+
+    @property
+    def bound(self) -> dict[str, float]:
+        """The fidelity bound quantized variants are gated on (the config's, over the task's default)."""
+        return {**FIDELITY_BOUNDS[self.task], **(self.fidelity_bound or {})}
 
     @property
     def baseline(self) -> str | None:
@@ -185,6 +212,17 @@ class CorsConfig(_Strict):
                                       "X-Request-Key", "X-Request-Timeout"])
 
 
+class GateConfig(_Strict):
+    action: Literal["fallback", "serve", "stop"] = Field(
+        "fallback", description="a quantized variant slower than its FP32 baseline at its served shapes, or below its "
+                                "model's fidelity_bound: fallback (listed as degraded; unpinned traffic goes to the "
+                                "baseline), serve (listed as degraded, routing unchanged) or stop (start-up fails)")
+    slower_than: float = Field(1.1, ge=1.0, le=10.0, description="a variant is slower when its time is above this "
+                               "multiple of the baseline's (the margin covers timing noise)")
+    min_shadow_inputs: int = Field(50, ge=1, description="shadow comparisons before live agreement can degrade a "
+                                   "variant")
+
+
 class Settings(BaseSettings):
     model_config = SettingsConfigDict(env_prefix=ENV_PREFIX, env_nested_delimiter="__", extra="forbid")
 
@@ -208,6 +246,7 @@ class Settings(BaseSettings):
     on_variant_failure: Literal["stop", "mark_unavailable"] = Field(
         "stop", description="a variant that fails to build: stop start-up, or serve without it (reported in "
                             "/v1/models and /readyz; requests for it get 503)")
+    gate: GateConfig = Field(default_factory=GateConfig)
     models: list[ModelConfig] = Field(min_length=1)
 
     @model_validator(mode="after")

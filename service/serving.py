@@ -11,7 +11,7 @@ from typing import Any
 
 import torch
 
-from . import context
+from . import context, gate
 from .batching import BatcherClosed, BatchResult, QueueFull, Shed
 from .errors import (ClientGone, DeadlineExceeded, InferenceFailed, InvalidInput, NotReady, Overloaded,
                      ServiceError, ShuttingDown)
@@ -162,8 +162,14 @@ class Serving:
             subject.shadow["n"] += 1
             subject.shadow["sum"] += TaskAdapter.per_input_agreement(task, r, o)
         metric = SHADOW_METRIC[task]
-        self.metrics.fidelity.labels(*labels, metric, "shadow").set(subject.shadow["sum"] / subject.shadow["n"])
+        mean = subject.shadow["sum"] / subject.shadow["n"]
+        self.metrics.fidelity.labels(*labels, metric, "shadow").set(mean)
         self.metrics.shadow_comparisons.labels(*labels).inc(len(ref))
+        if subject.degraded is None and subject.name != served.config.baseline:
+            reason = gate.live_problem(subject.name, metric, mean, int(subject.shadow["n"]), served.config.bound,
+                                       self.registry.settings.gate)
+            if reason is not None:
+                self.registry.degrade(served, subject, reason)
 
     async def drain_shadow(self) -> None:
         if self._shadow_tasks:

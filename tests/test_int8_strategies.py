@@ -95,10 +95,12 @@ def test_batched_results_match_one_by_one(minilm, texts):
     assert float(cos.min()) > 0.9999  # static scales do not depend on what else is in the batch
 
 
-def test_one_row_calls_use_the_prepacked_kernel_and_compute_the_same_product(minilm):
-    """Decoding one sentence sends one row at a time: same quantization, same product, one packed call."""
+def test_every_kernel_computes_the_same_layer_and_one_rows_match_batches(minilm):
+    """Each kernel (oneDNN, FBGEMM 8- and 7-bit, the FP32 floor) computes the same product, within its precision;
+    one row goes through the same quantization as a row of a batch (its range is the whole input's)."""
     import copy
 
+    from quantization import kernels
     from quantization.layers import DynamicInt8Linear
 
     qm = quantize_model(minilm, "dynamic-int8")
@@ -106,20 +108,29 @@ def test_one_row_calls_use_the_prepacked_kernel_and_compute_the_same_product(min
     assert isinstance(layer, DynamicInt8Linear) and layer.has_smooth
     torch.manual_seed(0)
     rows = torch.randn(5, layer.in_features) * 3
+    exact = torch.nn.functional.linear(layer._flat_input(rows), layer.float_weight(), layer.bias)
+    errors = {}
     with torch.inference_mode():
-        general = layer(rows)  # five rows: torch._int_mm, per-row scales
-        single = torch.cat([layer(r.reshape(1, 1, -1)).reshape(1, -1) for r in rows])
-    kernel = layer.__dict__.get("_row_kernel")
-    assert kernel is not None and kernel is not False  # the one-row path ran
-    torch.testing.assert_close(single, general, rtol=1e-5, atol=1e-5)
-    assert (single - general).abs().max() < 1e-3 * general.abs().max()
-    # a copy or a pickle leaves the packed kernel behind and packs its own; new weights are packed again
+        for kernel in kernels.KERNELS:
+            layer.set_kernels(kernel, kernel)
+            general = layer(rows)
+            single = torch.cat([layer(r.reshape(1, 1, -1)).reshape(1, -1) for r in rows])
+            errors[kernel] = float((general - exact).abs().max() / exact.abs().max())
+            # 7-bit activations: one step is twice as coarse, and a row's grid differs alone and in a batch
+            tolerance = 5e-2 if kernel == "fbgemm-u7" else 2e-2
+            assert (single - general).abs().max() < tolerance * general.abs().max(), kernel
+    assert errors["fp32"] < 1e-5
+    assert errors["onednn"] < 0.02 and errors["fbgemm-u8"] < 0.02 and errors["fbgemm-u7"] < 0.05, errors
+    # a copy or a pickle drops the derived FP32 weight and the packed FBGEMM weight, and makes its own
+    layer.set_kernels("fbgemm-u8", "fbgemm-u8")
     clone = copy.deepcopy(layer)
-    assert "_row_kernel" not in clone.__dict__
+    assert "_float_weight" not in clone.__dict__
     with torch.inference_mode():
-        torch.testing.assert_close(clone(rows[:1]), single[:1])
-    layer.load_state_dict(layer.state_dict())
-    assert "_row_kernel" not in layer.__dict__
-    # an input that needs gradients takes the general path (the packed kernel has no backward)
+        torch.testing.assert_close(clone(rows), layer(rows))
+    # an input that needs gradients takes the oneDNN path (FBGEMM's kernels have no backward)
     x = rows[:1].clone().requires_grad_(True)
-    assert layer(x).shape == (1, layer.out_features) and "_row_kernel" not in layer.__dict__
+    assert layer(x).shape == (1, layer.out_features)
+    with pytest.raises(ValueError, match="unknown kernel"):
+        layer.set_kernels("mkl", "onednn")
+
+

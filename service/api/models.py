@@ -16,7 +16,8 @@ router = APIRouter(prefix="/v1")
 @router.get("/models", summary="Every model with its variants")
 async def list_models(registry: RegistryDep) -> dict[str, Any]:
     settings = registry.settings
-    return {"ready": registry.ready, "models": [m.describe() for m in registry.models.values()],
+    return {"ready": registry.ready, "cpu": registry.cpu.describe(),
+            "models": [m.describe() for m in registry.models.values()],
             "configured": settings.model_names(),
             "limits": {**settings.limits.model_dump(), "max_queue": settings.batching.max_queue,
                        "max_input_tokens": {m.name: m.max_input_tokens for m in settings.models}}}

@@ -1,0 +1,165 @@
+"""The int8 GEMM kernels a dynamic int8 layer can run, and the one door to FBGEMM.
+
+Every kernel computes the same layer (per-channel int8 weights, activations quantized per token from
+their own range) on a different library path; which one is fast, and which one is exact, depends on the
+CPU (:mod:`quantization.cpu`), so :mod:`quantization.tuning` measures them on each machine:
+
+- ``onednn``: ``torch._int_mm`` (int8 x int8 -> int32) with signed 8-bit activations. oneDNN's VNNI
+  kernel where torch's cpuinfo sees AVX-512 VNNI; elsewhere torch runs a plain loop (exact, ~40x slower
+  than FP32). Capped at AVX2 by ``ONEDNN_MAX_CPU_ISA`` on a VNNI CPU it is fast but saturates.
+- ``fbgemm-u8``: FBGEMM's prepacked dynamic linear, 8-bit activations. Exact with VNNI; without it FBGEMM
+  adds pairs of uint8 x int8 products in int16 (``vpmaddubsw``), which saturates: never a candidate where
+  the CPU profile has no int8 dot product.
+- ``fbgemm-u7``: the same with 7-bit activations (``reduce_range``): a pair of products stays within
+  int16 (2 x 127 x 127 < 32767), so it is exact on every x86 CPU, at one bit less activation precision.
+- ``fp32``: the dequantized weights in an FP32 GEMM, the floor (exact by construction, never slower than
+  the FP32 model's own layer).
+
+FBGEMM quantizes a whole input with one scale. To keep one scale per token, a batch's rows are first
+mapped affinely onto [0, 1] (row ``i``: ``(x - lo_i) / r_i``), so the one scale FBGEMM picks *is* every
+row's own, and the product is mapped back: ``y = r_i * (x' W^T) + lo_i * sum_k W + b``. One row needs no
+mapping (its range is the whole input's).
+
+FBGEMM is reached through torch's quantized-tensor API, which torch has deprecated: it is used here only,
+inside the custom op ``quantserve::fbgemm_linear`` (so compiled graphs can call it too), and
+``QUANTSERVE_FBGEMM=0`` turns every FBGEMM kernel off.
+"""
+
+from __future__ import annotations
+
+import os
+import warnings
+import weakref
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+
+KERNELS = ("onednn", "fbgemm-u8", "fbgemm-u7", "fp32")
+# activation bits: where two kernels are about as fast, the more precise one is preferred
+PRECISION = {"onednn": 8, "fbgemm-u8": 8, "fbgemm-u7": 7, "fp32": 32}
+FBGEMM_ENV = "QUANTSERVE_FBGEMM"
+LEVELS = {"fbgemm-u8": 255, "fbgemm-u7": 127}
+
+# id(weight tensor) -> (weakref to it, weakref to the scale tensor, their versions when packed, packed weight)
+_PACKED: dict[int, tuple[Any, Any, tuple[int, int], Any]] = {}
+_FBGEMM_OK: bool | None = None
+
+
+def fbgemm_available() -> bool:
+    """FBGEMM's dynamic linear works in this torch build and has not been switched off."""
+    global _FBGEMM_OK
+    if os.environ.get(FBGEMM_ENV, "1").strip().lower() in ("0", "false", "no", "off"):
+        return False
+    if _FBGEMM_OK is None:
+        try:
+            w = torch.ones(2, 4, dtype=torch.int8)
+            _pack(w, torch.ones(2))
+            _FBGEMM_OK = True
+        except (RuntimeError, AttributeError, NotImplementedError):
+            _FBGEMM_OK = False
+    return _FBGEMM_OK
+
+
+def _pack(weight: torch.Tensor, scale: torch.Tensor) -> Any:
+    n = weight.shape[0]
+    scale = scale.double().flatten().expand(n).contiguous()
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=".*quantized tensor creation functions.*deprecated")
+        q = torch._make_per_channel_quantized_tensor(weight, scale, torch.zeros(n, dtype=torch.long), 0)
+    return torch.ops.quantized.linear_prepack(q, None)
+
+
+def _packed(weight: torch.Tensor, scale: torch.Tensor) -> Any:
+    """The packed form of ``weight``, made once per weight tensor (again if it is changed in place)."""
+    entry = _PACKED.get(id(weight))
+    versions = (weight._version, scale._version)
+    if entry is not None and entry[0]() is weight and entry[1]() is scale and entry[2] == versions:
+        return entry[3]
+    packed = _pack(weight, scale)
+    key = id(weight)
+    if entry is None:
+        weakref.finalize(weight, _PACKED.pop, key, None)
+    _PACKED[key] = (weakref.ref(weight), weakref.ref(scale), versions, packed)
+    return packed
+
+
+def _fbgemm_linear(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor, reduce_range: bool) -> torch.Tensor:
+    return torch.ops.quantized.linear_dynamic(x.contiguous(), _packed(weight, scale), reduce_range)
+
+
+@torch.library.custom_op("quantserve::fbgemm_linear", mutates_args=())
+def fbgemm_linear(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor, reduce_range: bool) -> torch.Tensor:
+    """``x @ dequant(weight)^T`` through FBGEMM, activations quantized (one scale for all of ``x``) to 8 or 7 bits.
+
+    A custom op so that compiled graphs call it as one opaque kernel; eager calls skip the op's dispatch
+    (~30 us a call, more than a one-row product costs).
+    """
+    return _fbgemm_linear(x, weight, scale, reduce_range)
+
+
+@fbgemm_linear.register_fake
+def _(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor, reduce_range: bool) -> torch.Tensor:
+    return x.new_empty((x.shape[0], weight.shape[0]))
+
+
+def normalize_rows(x2: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(rows mapped onto [0, 1], each row's lower end, each row's span)."""
+    lo = x2.amin(dim=1, keepdim=True)
+    span = (x2.amax(dim=1, keepdim=True) - lo).clamp_min_(1e-12)
+    return (x2 - lo).div_(span), lo, span
+
+
+def fbgemm(layer: Any, x2: torch.Tensor, bits: int) -> torch.Tensor:
+    """A dynamic int8 layer's product through FBGEMM (``x2``: flat, smoothed input), bias included."""
+    reduce_range = bits == 7
+    call = fbgemm_linear if torch.compiler.is_compiling() else _fbgemm_linear
+    if x2.shape[0] == 1:
+        y = call(x2, layer.weight_int8, layer.weight_scale, reduce_range)
+    else:
+        xn, lo, span = normalize_rows(x2)
+        y = call(xn, layer.weight_int8, layer.weight_scale, reduce_range).mul_(span)
+        y.addr_(lo.flatten(), layer.zero_point_term)
+    return y.add_(layer.bias) if layer.bias is not None else y
+
+
+def fp32(layer: Any, x2: torch.Tensor) -> torch.Tensor:
+    """The floor: the layer's dequantized weights (smoothing left folded in) in an FP32 GEMM."""
+    return F.linear(x2, layer.float_weight(), layer.bias)
+
+
+def exactness(kernel: str, layer: Any, x2: torch.Tensor) -> float:
+    """Worst error of ``kernel``'s integer product against int64 arithmetic, relative to the largest product.
+
+    0 for an exact kernel. The inputs are ``x2`` (real activations) plus one adversarial row (every
+    activation at the top of its range but one), the pattern that saturates int16 pair sums.
+    """
+    w = layer.weight_int8
+    if kernel == "fp32":
+        return 0.0
+    if kernel == "onednn":
+        q, _, _ = layer._quantize_input(torch.cat([x2, _adversarial(x2)]))
+        acc = torch._int_mm(q, w.t()).to(torch.int64)
+        exact = q.to(torch.int64) @ w.to(torch.int64).t()
+        return float((acc - exact).abs().max()) / max(1.0, float(exact.abs().max()))
+    levels = LEVELS[kernel]
+    xn, _, _ = normalize_rows(torch.cat([x2, _adversarial(x2)]))
+    q = torch.round(xn * levels)
+    # an input on the kernel's own grid (each row spans exactly [0, 1]): its quantization gives back q exactly
+    out = torch.ops.quantized.linear_dynamic(q / levels, _pack(w, torch.ones(w.shape[0])), levels == 127)
+    acc = out.double() * levels
+    exact = (q.to(torch.int64) @ w.to(torch.int64).t()).double()
+    return float((acc - exact).abs().max()) / max(1.0, float(exact.abs().max()))
+
+
+def _adversarial(x2: torch.Tensor) -> torch.Tensor:
+    row = torch.full((1, x2.shape[1]), float(x2.abs().max().clamp_min(1.0)))
+    row[0, -1] = -row[0, -1]
+    return row
+
+
+EXACT_TOLERANCE = 1e-6  # float rounding of the dequantized product; one saturated pair is far above it
+
+
+__all__ = ["KERNELS", "PRECISION", "FBGEMM_ENV", "fbgemm_available", "fbgemm_linear", "fbgemm", "fp32",
+           "exactness", "normalize_rows", "EXACT_TOLERANCE"]
