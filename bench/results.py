@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import os
-import platform
 import re
 from pathlib import Path
 
@@ -15,15 +14,10 @@ HEADER = ("# Measured results\n\nEvery section below is written by the benchmark
 
 
 def machine_summary() -> str:
-    cpu = platform.processor() or platform.machine()
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
-    return f"{cpu}, {os.cpu_count()} cores, torch {torch.__version__} ({torch.get_num_threads()} threads)"
+    """The CPU profile (model, ISA features that decide kernels, threads) and torch: beside every figure."""
+    from quantization.cpu import profile
+
+    return f"{profile().summary()}, {os.cpu_count()} cores, torch {torch.__version__}"
 
 
 def write_section(name: str, body: str) -> None:

@@ -29,7 +29,9 @@ sys.path.insert(0, str(ROOT))
 
 from bench.results import machine_summary, publish  # noqa: E402
 from quantization.compiled import Settled, compile_module, compiler_problem, warm_up  # noqa: E402
+from quantization import tuning  # noqa: E402
 from quantization.fidelity import fidelity  # noqa: E402
+from quantization.tuning import choose_kernels  # noqa: E402
 from quantization.models import load_task_model  # noqa: E402
 from quantization.pipeline import eval_texts, quantize_model  # noqa: E402
 from quantization.report import build_report, fidelity_cells, serialized_bytes  # noqa: E402
@@ -169,27 +171,35 @@ def main() -> int:
     floor = matmul_floor()
     mini, intent = load_task_model("minilm"), load_task_model("intent")
     ref_mini, ref_intent = mini.run(None, texts), intent.run(None, texts)
-    variants, reports, intent_fid = {}, {}, {}
+    variants, reports, intent_fid, kernels_chosen = {}, {}, {}, {}
     cannot_compile = compiler_problem()
     for name in args.strategies:
         print(f"quantizing with {name} ...", file=sys.stderr)
         qm = quantize_model(mini, name)
+        # the int8 kernels the service would choose on this CPU (quantization/tuning.py), eager and compiled
+        eager_module, compiled_module = qm.module, copy.deepcopy(qm.module)
+        kernels_chosen[name] = tuning.summary(choose_kernels(eager_module, lambda m: mini.run(m, texts[:16])))
         variants[name] = qm.module
         reports[name] = build_report(mini, qm, texts, reference=ref_mini, include_layers=False)
         iq = quantize_model(intent, name)
+        intent_compiled = copy.deepcopy(iq.module)
+        choose_kernels(iq.module, lambda m: intent.run(m, texts[:16]))
         intent_fid[name] = fidelity("classify", ref_intent, intent.run(iq.module, texts))
         # the quick run (CI) compiles only what it guards: each compile costs about a minute on 2 cores
         if name in (COMPILED if not args.quick else (GUARDED,)) and cannot_compile is None:
             print(f"compiling {name} ...", file=sys.stderr)
             cname = name + COMPILED_SUFFIX
             t = time.perf_counter()
-            variants[cname] = compile_module(qm.module, probe=lambda m: mini.run(m, texts[:2]))
+            kernels_chosen[cname] = tuning.summary(
+                choose_kernels(compiled_module, lambda m: mini.run(m, texts[:16]), compiled=True))
+            variants[cname] = compile_module(compiled_module, probe=lambda m: mini.run(m, texts[:2]))
             # the evaluation texts in batches compile the graph for any batch size above 1
             fid = fidelity("embed", ref_mini, mini.run(variants[cname], texts))
             warm_up(lambda batch: mini.run(variants[cname], batch), texts[:4])  # batch size 1 as well
             variants[cname] = Settled(variants[cname])  # served this way (see quantization/compiled.py)
             reports[cname] = {**reports[name], "fidelity": fid, "compile_seconds": time.perf_counter() - t}
-            icompiled = compile_module(iq.module, probe=lambda m: intent.run(m, texts[:2]))
+            choose_kernels(intent_compiled, lambda m: intent.run(m, texts[:16]), compiled=True)
+            icompiled = compile_module(intent_compiled, probe=lambda m: intent.run(m, texts[:2]))
             intent_fid[cname] = fidelity("classify", ref_intent, intent.run(icompiled, texts))
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
@@ -226,6 +236,7 @@ def main() -> int:
             "embed": r["fidelity"], "intent": intent_fid[name],
         })
     result = {"date": started, "machine": machine_summary(), "floor": floor, "texts": len(texts),
+              "kernels": kernels_chosen,
               "compiler": cannot_compile or "inductor",
               "linear_gflop_per_batch": round(flops / 1e9, 1), "rows": rows, "layer_budget": budget,
               "compiled_budget": compiled,

@@ -1,0 +1,223 @@
+"""Portable INT8: the CPU profile, kernels checked against exact integers and chosen by measurement, the
+serving gate, and the int8 numerics under AVX2 emulation (in subprocesses: the caps are read once, before
+torch is imported)."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import textwrap
+
+import pytest
+import torch
+
+from bench.live import ROOT
+from quantization import cpu, kernels, tuning
+from quantization.pipeline import eval_texts, quantize_model
+
+AVX2 = {**os.environ, "QUANTSERVE_CPU_ISA": "avx2"}
+
+
+def run_python(code: str, env: dict[str, str] | None = None, timeout: int = 600) -> dict:
+    """Run ``code`` (which prints one JSON line last) in a fresh interpreter, under ``env``."""
+    r = subprocess.run([sys.executable, "-c", textwrap.dedent(code)], cwd=ROOT, env=env or dict(os.environ),
+                       capture_output=True, text=True, timeout=timeout)
+    assert r.returncode == 0, r.stderr[-4000:]
+    return json.loads(r.stdout.strip().splitlines()[-1])
+
+
+def test_the_cpu_profile_names_the_features_that_decide_kernels_and_emulation_caps_them():
+    native = cpu.profile()
+    assert native.arch and native.model and native.threads == torch.get_num_threads()
+    assert set(native.features) <= set(cpu.X86_FEATURES) | set(cpu.ARM_FEATURES.values())
+    assert native.key.startswith(native.isa)
+    code = """
+        import json
+        from quantization import cpu
+        applied = cpu.emulate()
+        import torch
+        p = cpu.profile()
+        print(json.dumps({"applied": applied, **p.describe()}))
+    """
+    capped = run_python(code, AVX2)
+    assert capped["emulated"] == "avx2" and capped["isa"] in ("avx2", "baseline")
+    assert not {"avx512f", "avx512_vnni", "avx512_bf16", "amx_int8"} & set(capped["features"])
+    assert capped["caps"] == {"ONEDNN_MAX_CPU_ISA": "AVX2", "FBGEMM_ENABLE_INSTRUCTIONS": "AVX2",
+                              "ATEN_CPU_CAPABILITY": "avx2"}
+    assert capped["torch_capability"].lower() in ("avx2", "default")
+    assert capped["key"] != native.key  # a kernel choice made natively is never reused under the cap
+    assert not capped["int8_dot"] and not capped["bf16_gemm"]
+    with pytest.raises(cpu.CpuProfileError, match="native, avx2"):
+        cpu.emulate("sse9")
+
+
+def test_the_exact_integer_check_catches_a_saturating_kernel():
+    """FBGEMM's AVX2 kernels sum uint8 x int8 pairs in int16: full 8-bit activations saturate on the adversarial
+    row, 7-bit ones never do. Under the AVX2 cap this holds on every x86 host."""
+    code = """
+        import json, torch
+        from quantization import cpu
+        cpu.emulate()
+        from quantization import kernels
+        from quantization.layers import DynamicInt8Linear
+        torch.manual_seed(0)
+        lin = torch.nn.Linear(384, 256)
+        lin.weight.data = lin.weight.data.abs()  # positive weights: pairs of products add up
+        layer = DynamicInt8Linear.from_linear(lin)
+        x = torch.rand(64, 384)
+        print(json.dumps({k: kernels.exactness(k, layer, x) for k in ("fbgemm-u8", "fbgemm-u7", "fp32")}))
+    """
+    errors = run_python(code, AVX2)
+    assert errors["fbgemm-u8"] > 1e-3, errors           # saturation: caught
+    assert errors["fbgemm-u7"] <= kernels.EXACT_TOLERANCE and errors["fp32"] == 0.0
+
+
+def test_kernels_are_chosen_by_measurement_checked_and_kept_per_cpu_profile(minilm, tmp_path):
+    qm = quantize_model(minilm, "dynamic-int8")
+    texts = eval_texts()[:16]
+    record = tuning.choose_kernels(qm.module, lambda m: minilm.run(m, texts))
+    layers = tuning.int8_layers(qm.module)
+    assert set(record["layers"]) == set(layers) and record["candidates"][0] == "onednn"
+    assert record["candidates"][-1] == "fp32"
+    for name, pick in record["layers"].items():
+        assert (layers[name].row_kernel, layers[name].batch_kernel) == (pick["row"], pick["batch"])
+        for kernel in pick.values():  # whatever won is exact on this CPU, on this layer's real input
+            assert kernel not in record["inexact"]
+    for shape in record["shapes"]:  # every candidate was timed at one row and at the full batch
+        assert set(shape["row_us"]) == set(shape["batch_us"]) == set(record["candidates"])
+        assert shape["rows"] > 100
+    if not cpu.profile().int8_dot:
+        assert "fbgemm-u8" not in record["candidates"]
+    summary = tuning.summary(record)
+    assert summary["kernel"]["batch"] in kernels.KERNELS and summary["from_cache"] is False
+    # saved beside the artifact under this profile's key: a restart skips the timing
+    tuning.save_choice(tmp_path, record)
+    other = quantize_model(minilm, "dynamic-int8")
+    again = tuning.load_choice(tmp_path, other.module, compiled=False)
+    assert again is not None and again["from_cache"] and again["layers"] == record["layers"]
+    assert tuning.load_choice(tmp_path, other.module, compiled=True) is None  # compiled forwards are timed apart
+    # another CPU (here: the same one capped at AVX2) has another key, so it measures again
+    fields = {k: v for k, v in cpu.profile().__dict__.items()}
+    capped = cpu.CpuProfile(**{**fields, "features": ("avx2", "fma"), "emulated": "avx2"})
+    assert tuning.load_choice(tmp_path, other.module, compiled=False, prof=capped) is None
+    # the chosen kernels keep the variant faithful
+    ref, out = minilm.run(None, eval_texts()), minilm.run(qm.module, eval_texts())
+    cos = torch.nn.functional.cosine_similarity(ref, out, dim=-1)
+    assert cos.mean() > 0.995 and cos.min() > 0.98
+
+
+def test_the_gate_names_a_slow_or_unfaithful_variant_in_one_sentence():
+    from service import gate
+    from service.config import GateConfig
+
+    avx2 = cpu.CpuProfile(arch="x86_64", vendor="AuthenticAMD", model="AMD EPYC 7B13", features=("avx2", "fma"),
+                          threads=2, torch_capability="AVX2")
+    slow = {"batch_1": {"time_x": 0.9}, "batch_16": {"time_x": 20.4}}
+    reason = gate.judge("int8", "fp32", {"mean_cosine": 0.995}, {"mean_cosine": 0.999}, slow, GateConfig(), avx2)
+    assert reason.startswith("int8 runs 20.40x the time of fp32 at batch 16 on this CPU")
+    assert "no AVX-512 VNNI" in reason and "torch._int_mm has no fast kernel" in reason
+    fast = {"batch_1": {"time_x": 0.3}, "batch_16": {"time_x": 0.5}}
+    assert gate.judge("int8", "fp32", {"mean_cosine": 0.995}, {"mean_cosine": 0.999}, fast, GateConfig(), avx2) is None
+    reason = gate.judge("int8", "fp32", {"identical": 0.9, "chrf": 98.0, "degenerate": 0.0},
+                        {"identical": 0.875, "chrf": 97.7, "degenerate": 0.05}, fast, GateConfig(), avx2)
+    assert reason == ("int8 is below its fidelity bound on the probe set (identical 0.875 < 0.9, chrf 97.7 < 98, "
+                      "degenerate 0.05 > 0)")
+    # live: shadow agreement below the bound, once there are enough comparisons
+    assert gate.live_problem("int8", "chrf", 0.95, 49, {"chrf": 98.0}, GateConfig()) is None
+    assert "chrf 95 < 98 over 50" in gate.live_problem("int8", "chrf", 0.95, 50, {"chrf": 98.0}, GateConfig())
+
+
+@pytest.mark.slow
+def test_a_variant_below_its_bound_is_degraded_and_unpinned_traffic_goes_to_fp32(tmp_path):
+    from service.config import load_settings
+    from service.metrics import Metrics
+    from service.registry import Registry
+
+    config = tmp_path / "gate.yaml"
+    config.write_text(textwrap.dedent("""
+        models:
+          - name: minilm
+            task: embed
+            source: minilm
+            fidelity_bound: {mean_cosine: 0.99999999}
+            variants:
+              - {name: fp32, strategy: fp32}
+              - {name: int8, strategy: dynamic-int8}
+            routing: {default: int8, split: {int8: 1.0, fp32: 0.0}}
+    """))
+    metrics = Metrics()
+    registry = Registry(load_settings(config, probe_texts=16), metrics)
+    registry.build()
+    served = registry.models["minilm"]
+    int8 = served.variants["int8"]
+    assert int8.degraded and "below its fidelity bound" in int8.degraded and "mean_cosine" in int8.degraded
+    assert served.router.default == "fp32" and all(served.router.choose() == "fp32" for _ in range(20))
+    assert served.router.choose("int8") == "int8"  # pinned requests still reach it
+    described = served.describe()["variants"][1]
+    assert described["state"] == "degraded" and described["kernels"]["kernel"]["batch"] in kernels.KERNELS
+    assert set(described["speed_vs_baseline"]) == {"batch_1", "batch_16"}
+    text = metrics.render().decode()
+    assert 'quantserve_variant_degraded{model="minilm",task="embed",variant="int8"} 1.0' in text
+    assert 'quantserve_variant_degraded{model="minilm",task="embed",variant="fp32"}' not in text or \
+        'quantserve_variant_degraded{model="minilm",task="embed",variant="fp32"} 0.0' in text
+    assert "quantserve_cpu_info{" in text and f'isa="{cpu.profile().isa}"' in text
+
+    # gate.action: stop refuses to start, with the sentence
+    from service.registry import StartupError
+
+    stop = Registry(load_settings(config, probe_texts=16, gate={"action": "stop"}), Metrics())
+    with pytest.raises(StartupError, match="below its fidelity bound.*set gate.action to fallback or serve"):
+        stop.build()
+
+
+@pytest.mark.slow
+def test_every_int8_strategy_meets_its_bound_or_is_refused_under_avx2_emulation():
+    """The int8 numerics of every task under FBGEMM's, oneDNN's and ATen's AVX2 kernels, with the kernels the
+    service would choose: each either keeps its fidelity bound or the serving gate refuses it by name."""
+    code = """
+        import json, torch
+        from quantization import cpu
+        cpu.emulate()
+        torch.set_num_threads(2)
+        from quantization import tuning
+        from quantization.fidelity import fidelity
+        from quantization.models import load_task_model
+        from quantization.pipeline import eval_texts, quantize_model, translation_texts
+        from service.config import FIDELITY_BOUNDS
+        from service.gate import fidelity_problems
+        out = {"profile": cpu.profile().describe()}
+        texts = eval_texts()
+        for source, task in (("minilm", "embed"), ("intent", "classify")):
+            tm = load_task_model(source, task)
+            ref = tm.run(None, texts)
+            for strategy in ("dynamic-int8", "static-int8", "weight-only-int8"):
+                qm = quantize_model(tm, strategy)
+                record = tuning.choose_kernels(qm.module, lambda m: tm.run(m, texts[:16]))
+                fid = fidelity(task, ref, tm.run(qm.module, texts))
+                out[f"{source}/{strategy}"] = {"fidelity": fid, "kernels": tuning.summary(record)["kernel"]
+                                               if record else None,
+                                               "problems": fidelity_problems(FIDELITY_BOUNDS[task], fid)}
+        tm = load_task_model("bergamot-pt-en", "seq2seq")
+        src = translation_texts("pt")[:48]
+        ref = tm.run(None, src)
+        qm = quantize_model(tm, "dynamic-int8", {"smooth_jointly": False})
+        record = tuning.choose_kernels(qm.module, lambda m: tm.run(m, src[:16]))
+        fid = fidelity("seq2seq", ref, tm.run(qm.module, src))
+        out["pt-en/dynamic-int8"] = {"fidelity": fid, "kernels": tuning.summary(record)["kernel"],
+                                     "problems": fidelity_problems(FIDELITY_BOUNDS["translate"], fid)}
+        print(json.dumps(out))
+    """
+    out = run_python(code, AVX2, timeout=900)
+    assert out["profile"]["emulated"] == "avx2" and not out["profile"]["int8_dot"]
+    for name, row in out.items():
+        if name == "profile":
+            continue
+        if row["kernels"]:  # a kernel that saturates under AVX2 is never chosen
+            assert "fbgemm-u8" not in row["kernels"].values(), (name, row)
+        # the embed and classify defaults meet their bounds; any variant that does not is named by the gate
+        if name in ("minilm/dynamic-int8", "intent/dynamic-int8", "minilm/weight-only-int8"):
+            assert row["problems"] == [], (name, row)
+        else:
+            assert all(" < " in p or " > " in p for p in row["problems"]), (name, row)
