@@ -55,7 +55,10 @@ def candidates(prof: CpuProfile | None = None) -> list[str]:
     return out
 
 
-def int8_layers(module: nn.Module) -> dict[str, DynamicInt8Linear]:
+def int8_layers(module: Any) -> dict[str, DynamicInt8Linear]:
+    """The dynamic int8 layers of ``module`` (none in a runtime that is not a torch module: ONNX, native)."""
+    if not isinstance(module, nn.Module):
+        return {}
     return {n: m for n, m in module.named_modules() if isinstance(m, DynamicInt8Linear)}
 
 
