@@ -39,6 +39,20 @@ def translation_texts(language: str) -> list[str]:
     return list(_data_file(f"translate_{language}.txt"))
 
 
+def hard_texts(language: str = "en") -> list[str]:
+    """32 sentences unlike the calibration texts (``en`` or ``pt``): formal letters, numbers, dates, addresses,
+    amounts, codes, and long sentences of 40-70 words."""
+    return list(_data_file(f"hard_{language}.txt"))
+
+
+def probe_texts(language: str = "en", n: int = 64) -> list[str]:
+    """The start-up probe set: the hard sentences first, then ordinary ones (evaluation, or translation texts in
+    ``language``), ``n`` in all; what a variant's fidelity bound is checked on."""
+    ordinary = eval_texts() if language == "en" else translation_texts(language)
+    hard = hard_texts(language) if language in ("en", "pt") else []
+    return (hard[: n // 2] + ordinary)[:n]
+
+
 def calibration_texts_for(language: str | None) -> list[str]:
     """Calibration sentences in ``language``: the English set, or 48 Portuguese ones."""
     return list(_data_file("calibration_sentences_pt.txt")) if language == "pt" else calibration_texts()

@@ -80,11 +80,11 @@ def load_marian(source: str, name: str | None = None, shortlist: bool = True):
     pair = BERGAMOT[source][0] if source in BERGAMOT else None
     info = {"architecture": "Marian transformer (Bergamot tiny): 6-layer encoder, 2-layer SSRU decoder",
             "languages": pair, "shortlist": lex is not None, "model_file": str(files["model"])}
-    from ..pipeline import calibration_texts_for, translation_texts
+    from ..pipeline import calibration_texts_for, probe_texts
 
     source_lang = pair.split("-")[0] if pair else None
     # decoding is the costly part of calibration; 48 sentences are enough for activation statistics
     calibration = calibration_texts_for(source_lang)[:48]
-    probes = translation_texts(source_lang) if source_lang in ("en", "pt") else None
+    probes = probe_texts(source_lang, 200) if source_lang in ("en", "pt") else None
     return TaskModel(name or (source if source in BERGAMOT else files["dir"].name), "seq2seq", module, tokenizer,
                      str(files["dir"]), hash_files(hashed), info=info, calibration=calibration, probes=probes)
