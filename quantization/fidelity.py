@@ -81,6 +81,24 @@ def fidelity(task: str, reference: Any, output: Any) -> dict[str, float]:
     raise ValueError(f"unknown task {task!r}")
 
 
+# metrics where less is better: a bound on them is an upper bound
+UPPER_BOUND_METRICS = frozenset({"degenerate", "mean_abs_dprob", "max_abs_dprob"})
+
+
+def bound_problems(bound: dict[str, float], measured: dict[str, float]) -> list[str]:
+    """Each bound that ``measured`` misses, as 'metric value < bound' (or '>' for an upper bound)."""
+    out = []
+    for metric, limit in bound.items():
+        value = measured.get(metric)
+        if value is None:
+            continue
+        if metric in UPPER_BOUND_METRICS and value > limit:
+            out.append(f"{metric} {value:.4g} > {limit:g}")
+        elif metric not in UPPER_BOUND_METRICS and value < limit:
+            out.append(f"{metric} {value:.4g} < {limit:g}")
+    return out
+
+
 def primary_score(task: str, metrics: dict[str, float]) -> float:
     value = metrics[PRIMARY[task]]
     return value / 100.0 if task == "seq2seq" else value

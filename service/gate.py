@@ -11,53 +11,15 @@ default route and A/B split, so unpinned requests go to the baseline. Pinned req
 from __future__ import annotations
 
 import logging
-import statistics
-import time
-from typing import Any, Callable
+from typing import Any
 
 from quantization.cpu import CpuProfile, profile as cpu_profile
+from quantization.fidelity import bound_problems
 
-from .config import UPPER_BOUNDS, GateConfig
+from .config import GateConfig
 
 log = logging.getLogger("service.gate")
 ROUNDS = 3
-
-
-class GateStop(Exception):
-    """gate.action is stop and a variant failed the gate."""
-
-
-def fidelity_problems(bound: dict[str, float], measured: dict[str, float]) -> list[str]:
-    """Each bound ``measured`` misses, as 'metric value < bound'."""
-    out = []
-    for metric, limit in bound.items():
-        value = measured.get(metric)
-        if value is None:
-            continue
-        if metric in UPPER_BOUNDS and value > limit:
-            out.append(f"{metric} {value:.4g} > {limit:g}")
-        elif metric not in UPPER_BOUNDS and value < limit:
-            out.append(f"{metric} {value:.4g} < {limit:g}")
-    return out
-
-
-def served_speed(run: Callable[[Any, list[Any]], Any], module: Any, baseline: Any, items: list[Any],
-                 batch: int, rounds: int = ROUNDS) -> dict[str, Any]:
-    """Time of ``module`` over ``baseline``'s at one input and at a full batch, measured in alternating rounds."""
-    shapes = {"1": items[:1], str(min(batch, len(items))): items[:batch]}
-    times: dict[str, dict[str, list[float]]] = {s: {"variant": [], "baseline": []} for s in shapes}
-    for _ in range(rounds):
-        for shape, chunk in shapes.items():
-            for side, m in (("variant", module), ("baseline", baseline)):
-                start = time.perf_counter()
-                run(m, chunk)
-                times[shape][side].append(time.perf_counter() - start)
-    out: dict[str, Any] = {}
-    for shape, t in times.items():
-        v, b = statistics.median(t["variant"]), statistics.median(t["baseline"])
-        out[f"batch_{shape}"] = {"variant_ms": round(1e3 * v, 3), "baseline_ms": round(1e3 * b, 3),
-                                 "time_x": round(v / b, 3)}
-    return out
 
 
 def cpu_note(prof: CpuProfile) -> str:
@@ -77,7 +39,7 @@ def judge(variant: str, baseline: str, bound: dict[str, float], fidelity: dict[s
         shape, worst = max(slow, key=lambda p: p[1])
         reasons.append(f"{variant} runs {worst:.2f}x the time of {baseline} at {shape.replace('_', ' ')} on this "
                        f"CPU{cpu_note(prof)}")
-    problems = fidelity_problems(bound, fidelity)
+    problems = bound_problems(bound, fidelity)
     if problems:
         reasons.append(f"{variant} is below its fidelity bound on the probe set ({', '.join(problems)})")
     if not reasons:
@@ -96,4 +58,4 @@ def live_problem(variant: str, metric: str, mean: float, inputs: int, bound: dic
            f"over {inputs} shadow comparisons)"
 
 
-__all__ = ["judge", "live_problem", "served_speed", "fidelity_problems", "GateStop", "cpu_note"]
+__all__ = ["judge", "live_problem", "cpu_note", "ROUNDS"]

