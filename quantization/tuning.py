@@ -10,7 +10,7 @@ always exact.
 
 What is timed is what will be served: the whole layer forward for eager variants (oneDNN's ~10
 elementwise passes included), and only the kernel for compiled ones (the compiler fuses the passes
-around it). A lower-precision kernel must be clearly faster (:data:`PRECISION_MARGIN`) to win over a
+around it). A lower-precision kernel must be clearly faster (:data:`PRECISION_COST`) to win over a
 more precise one. Candidates come from the CPU profile: FBGEMM's 8-bit kernel only where the CPU has an
 int8 dot product (without one it saturates by design, whatever the probe shows).
 
@@ -36,9 +36,13 @@ from .cpu import CpuProfile, profile as cpu_profile
 from .layers import DynamicInt8Linear
 
 log = logging.getLogger(__name__)
-PRECISION_MARGIN = 0.9   # a less precise kernel wins only at <= 0.9x the time of a more precise one
-MAX_ROWS = 1024          # the batch timed per shape is at most this many rows of the real input
-BUDGET_S = 0.1           # per candidate and size: stop repeating a slow kernel (torch._int_mm without VNNI)
+# what a kernel's time is weighed by, by activation bits: 8-bit int8 must be 1.2x faster than FP32 to win over it,
+# and 7-bit 1.25x faster than 8-bit (one bit less doubles the rounding error; timing noise here is ~10%)
+PRECISION_COST = {32: 1.0, 8: 1.2, 7: 1.5}
+MAX_ROWS = 256           # the batch timed per shape is at most this many rows of the real input
+GROUP = 4                # layers of one shape timed in turn (enough to leave the cache; more only costs time)
+BUDGET_S = 0.1           # per candidate and size: stop repeating a slow kernel
+HOPELESS = 8.0           # a candidate whose first call takes this multiple of FP32's is not timed further
 REPS = 5
 
 
@@ -84,8 +88,14 @@ def capture_inputs(module: nn.Module, layers: dict[str, DynamicInt8Linear],
     return seen
 
 
-def _time(fn: Callable[[], Any]) -> float:
+def _time(fn: Callable[[], Any], give_up: float = float("inf")) -> float:
+    """Median seconds of ``fn`` (after one warm call); the warm call alone where it took over ``give_up``
+    (torch._int_mm without VNNI: ~40x FP32, seconds per shape at start-up for nothing)."""
+    start = time.perf_counter()
     fn()
+    first = time.perf_counter() - start
+    if first > give_up:
+        return first
     times: list[float] = []
     spent = 0.0
     while len(times) < REPS and spent < BUDGET_S:
@@ -121,9 +131,8 @@ def _timer(kernel: str, layers: list[DynamicInt8Linear], x2: torch.Tensor, compi
 
 
 def _rank(times: dict[str, float]) -> list[str]:
-    """Candidates from best to worst: by time, each precision level below the best costing 1/PRECISION_MARGIN."""
-    levels = sorted({kernels.PRECISION[k] for k in times}, reverse=True)
-    return sorted(times, key=lambda k: times[k] / PRECISION_MARGIN ** levels.index(kernels.PRECISION[k]))
+    """Candidates from best to worst: by time weighed by precision (:data:`PRECISION_COST`)."""
+    return sorted(times, key=lambda k: times[k] * PRECISION_COST[kernels.PRECISION[k]])
 
 
 def choose_kernels(module: nn.Module, probe: Callable[[nn.Module], Any], *, compiled: bool = False,
@@ -146,13 +155,14 @@ def choose_kernels(module: nn.Module, probe: Callable[[nn.Module], Any], *, comp
     shapes: dict[tuple[int, int], dict[str, Any]] = {}
     with torch.inference_mode():
         for shape, group in by_shape.items():
-            members = [layers[n] for n in group]
+            members = [layers[n] for n in group[:GROUP]]
             x2 = inputs[group[0]][:MAX_ROWS]
-            row = x2[:1]
             timing = {"layers": len(group), "rows": int(x2.shape[0]), "row_us": {}, "batch_us": {}}
-            for kernel in pool:  # per layer call
-                timing["row_us"][kernel] = round(1e6 * _time(_timer(kernel, members, row, compiled)) / len(group), 1)
-                timing["batch_us"][kernel] = round(1e6 * _time(_timer(kernel, members, x2, compiled)) / len(group), 1)
+            for size, x in (("row", x2[:1]), ("batch", x2)):
+                floor = _time(_timer("fp32", members, x, compiled))  # first: the bar the others are held to
+                for kernel in pool:  # per layer call
+                    t = floor if kernel == "fp32" else _time(_timer(kernel, members, x, compiled), HOPELESS * floor)
+                    timing[f"{size}_us"][kernel] = round(1e6 * t / len(members), 1)
             shapes[shape] = timing
         exact: dict[tuple[str, str], float] = {}
 
