@@ -88,6 +88,14 @@ def test_chromium_shows_both_variants_live_and_compares_them_on_a_text(tmp_path)
             stop.set()
             sender.join(30)
             expect(page.locator("#process-memory")).to_have_text(re.compile(r"^process memory \d+\.\d MB · $"))
+            # the CPU the kernels were chosen on, and each variant's state and kernel
+            expect(page.locator("#cpu")).to_have_text(re.compile(r"^CPU: .+ · (avx|amx|neon|baseline)\S* · .+ threads"))
+            int8 = page.locator('.card.variant[data-model="minilm"][data-variant="int8"]')
+            expect(int8.locator(".state")).to_have_text(re.compile(r"^(serving|degraded: .+)$"))
+            served = {v["name"]: v for v in httpx.get(f"{base}/v1/models/minilm").json()["variants"]}["int8"]
+            kernels = served["kernels"]  # None where the chosen strategy has no dynamic int8 layer to tune
+            expect(int8.locator(".kernel")).to_have_text(
+                "–" if kernels is None else re.compile("^" + re.escape(kernels["kernel"]["batch"])))
             assert page.locator(".uplot canvas").count() >= 4  # latency and throughput charts per model
 
             page.select_option("#compare-model", "intent")

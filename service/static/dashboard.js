@@ -46,14 +46,30 @@ function throughput(models, now) {
   return rates;
 }
 
+function cpuText(cpu) {
+  if (!cpu) return "";
+  const text = `CPU: ${cpu.vendor} ${cpu.model} · ${cpu.isa} · ${cpu.features.join(" ") || "no listed features"} · ` +
+    `${cpu.threads} threads`;
+  return cpu.emulated ? `${text} · emulating ${cpu.emulated}` : text;
+}
+
+function kernelText(k) {
+  if (!k) return "–";
+  return k.kernel.row === k.kernel.batch ? k.kernel.batch : `${k.kernel.batch} (one row: ${k.kernel.row})`;
+}
+
 function variantCard(model, v, i, rate) {
   const shadow = v.shadow_agreement || {};
   const shadowText = shadow.inputs ? `${fmt.num(shadow.mean)} over ${shadow.inputs}` : "none yet";
   const row = (label, cls, value) => [el("dt", {}, label), el("dd", { class: cls }, value)];
   const lat = v.latency_seconds || {};
-  return el("div", { class: "card variant", "data-model": model.name, "data-variant": v.name, style: `--accent:${color(i)}` },
+  const degraded = v.state === "degraded";
+  return el("div", { class: "card variant" + (degraded ? " degraded" : ""), "data-model": model.name,
+                     "data-variant": v.name, style: `--accent:${color(i)}` },
     el("h3", {}, v.name, " ", el("span", { class: "strategy" }, `${v.strategy} · ${v.runtime}`)),
     el("dl", {},
+      ...row("state", "state", degraded ? `degraded: ${v.degraded}` : (v.state || "serving")),
+      ...row("int8 kernel", "kernel", kernelText(v.kernels)),
       ...row("p50 latency", "p50", fmt.ms(lat.p50)),
       ...row("p90 / p99", "p99", `${fmt.ms(lat.p90)} / ${fmt.ms(lat.p99)}`),
       ...row("throughput", "throughput", rate == null ? "–" : fmt.rate(rate)),
@@ -125,6 +141,7 @@ async function refresh() {
     const rates = throughput(body.models, now);
     body.models.forEach((m) => { state.models[m.name] = m; renderModel(m, rates, now); });
     fillModelSelect(body.models);
+    $("#cpu").textContent = cpuText(body.cpu);
     status.textContent = (body.ready ? "ready" : "loading models…") + " · updated " + new Date(now).toLocaleTimeString();
     status.parentElement.classList.toggle("down", !body.ready);
   } catch (err) {
