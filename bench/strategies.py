@@ -21,6 +21,18 @@ import time
 import warnings
 from pathlib import Path
 
+
+def _early_isa() -> None:
+    """``--isa avx2``: run on kernels capped at that level (quantization.cpu.emulate), set before torch loads."""
+    if "--isa" in sys.argv[:-1]:
+        sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+        from quantization.cpu import emulate
+
+        emulate(sys.argv[sys.argv.index("--isa") + 1])
+
+
+_early_isa()
+
 import torch
 from torch import nn
 
@@ -160,6 +172,8 @@ def main() -> int:
     ap.add_argument("--check", action="store_true",
                     help=f"exit 1 if an int8 variant falls below its bounds {GUARDS} (fidelity, and throughput x "
                          f"FP32) in this run")
+    ap.add_argument("--isa", choices=["avx2", "avx512"], help="run on kernels capped at this level (emulation: "
+                    "the fidelity is that CPU's, the speed is not); writes its own section")
     args = ap.parse_args()
     if args.check and not {"fp32", GUARDED} <= set(args.strategies):
         ap.error(f"--check needs fp32 and {GUARDED} among --strategies")
@@ -240,7 +254,10 @@ def main() -> int:
               "compiler": cannot_compile or "inductor",
               "linear_gflop_per_batch": round(flops / 1e9, 1), "rows": rows, "layer_budget": budget,
               "compiled_budget": compiled,
-              "command": "bench/strategies.py" + (" --quick" if args.quick else "")}
+              "command": "bench/strategies.py" + (" --quick" if args.quick else "")
+              + (f" --isa {args.isa}" if args.isa else "")
+              + ("" if args.strategies == STRATEGIES else " --strategies " + " ".join(args.strategies)),
+              "emulated": args.isa}
     table = render(result)
     print(table)
     if args.check:
@@ -254,7 +271,7 @@ def main() -> int:
         print(f"guard passed: {', '.join(r['variant'] for r in rows if r['variant'] in GUARDS)} within {GUARDS}",
               file=sys.stderr)
     if not args.quick:
-        publish("strategies", result, table)
+        publish(f"strategies-{args.isa}" if args.isa else "strategies", result, table)
     return 0
 
 
@@ -277,9 +294,13 @@ def render(result: dict) -> str:
     best_int8 = max((r for r in result["rows"] if "int8" in r["variant"] and "weight-only" not in r["variant"]),
                     key=lambda r: r["sentences_per_s"])
     ceiling = f["int8_gops"] * 1e9 / (result["linear_gflop_per_batch"] * 1e9) * 32
+    isa = result.get("emulated")
     lines = [
-        "## Strategies on all-MiniLM-L6-v2",
+        "## Strategies on all-MiniLM-L6-v2" + (f" under {isa.upper()} emulation" if isa else ""),
         "",
+        *([f"Emulated (`--isa {isa}`: oneDNN, FBGEMM and ATen capped): the fidelity is what an {isa.upper()}-only "
+           f"CPU computes with the kernels the service would choose; the speeds are this CPU running "
+           f"{isa.upper()} code, not an {isa.upper()} CPU's.", ""] if isa else []),
         f"Measured {result['date']} on {result['machine']} with `{result['command']}`. "
         f"Fidelity on {result['texts']} evaluation sentences (`quantization/data/eval_sentences.txt`) against "
         "FP32; throughput is batch 32 x 128 tokens, latency batch 1 x 16 tokens, both medians of interleaved "

