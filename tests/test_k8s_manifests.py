@@ -126,7 +126,7 @@ def test_config_maps_hold_configs_the_service_accepts_with_the_right_variants(re
     assert strategies("base", base) == {m.name: [v.strategy + ("+compile" if v.compile else "") for v in m.variants]
                                         for m in default.models if m.task in ("embed", "classify")}
     # the int8 routes run compiled, as in the default config (the image ships their kernels)
-    int8 = {"minilm": ["dynamic-int8+compile"], "intent": ["dynamic-int8+compile"]}
+    int8 = {"minilm": ["auto+compile"], "intent": ["auto+compile"]}
     (lean,) = of_kind(rendered["int8-only"], "Deployment")
     assert strategies("int8-only", lean) == int8
     by_variant = {d["spec"]["template"]["metadata"]["labels"]["quantserve.io/variant"]: d

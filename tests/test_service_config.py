@@ -30,7 +30,7 @@ def test_the_default_config_serves_minilm_and_intent_as_fp32_and_int8_and_transl
     assert s.absent_optional_models == ["sentiment"]
     for m in s.models:
         extra = [("native", "native")] if m.task == "translate" else []
-        assert [(v.name, v.strategy) for v in m.variants] == [("fp32", "fp32"), ("int8", "dynamic-int8"), *extra]
+        assert [(v.name, v.strategy) for v in m.variants] == [("fp32", "fp32"), ("int8", "auto"), *extra]
         # the int8 routes of embed and classify run compiled; FP32 stays eager as the baseline
         assert [v.compile for v in m.variants] == ([False, True] if m.task != "translate" else [False] * 3)
 
