@@ -16,7 +16,7 @@ from prometheus_client.parser import text_string_to_metric_families
 from bench.live import thread_server
 from quantization.pipeline import eval_texts
 from service.app import create_app
-from service.config import load_settings
+from service.config import FIDELITY_BOUNDS, load_settings
 
 
 @pytest.fixture(scope="module")
@@ -91,7 +91,11 @@ def test_compare_reports_int8_agreement_within_the_library_bounds(server):
     by = {v["variant"]: v for v in emb["variants"]}
     assert emb["baseline"] == "fp32" and set(by) == {"fp32", "int8"}
     assert by["fp32"]["agreement"]["mean_cosine"] > 0.99999
-    assert by["int8"]["agreement"]["mean_cosine"] >= 0.999 and by["int8"]["agreement"]["min_cosine"] >= 0.99
+    # the kernels are chosen on this CPU (7-bit activations where they are the fast exact route): the bound is
+    # the model's fidelity bound, what the serving gate holds every default variant to
+    bound = FIDELITY_BOUNDS["embed"]
+    assert by["int8"]["agreement"]["mean_cosine"] >= bound["mean_cosine"]
+    assert by["int8"]["agreement"]["min_cosine"] >= bound["min_cosine"]
     assert len(by["int8"]["per_input_agreement"]) == 24 and by["int8"]["latency_seconds"] > 0
     cls = httpx.post(f"{base}/v1/compare", json={"model": "intent", "inputs": texts}, timeout=60).json()
     by = {v["variant"]: v for v in cls["variants"]}
