@@ -335,3 +335,27 @@ def test_strategy_auto_picks_the_fastest_faithful_candidate_and_says_why(tmp_pat
     bad.write_text(config.read_text().replace("{strategy: weight-only-int8}]}", "{strategy: int3}]}", 1))
     with pytest.raises(ConfigError, match="params.candidates.1: unknown strategy 'int3'"):
         load_settings(bad)
+
+
+def test_fbgemm_kernels_run_inside_compiled_graphs_as_in_eager():
+    """A CPU without VNNI serves compiled variants through FBGEMM: its custom op must trace, compile and
+    compute what the eager layer computes, with no graph break (one graph per shape class)."""
+    from quantization.compiled import compile_module, compiler_problem
+    from quantization.layers import DynamicInt8Linear
+
+    if compiler_problem():
+        pytest.fail(compiler_problem())
+    torch.manual_seed(0)
+    net = torch.nn.Sequential(torch.nn.Linear(64, 128), torch.nn.GELU(), torch.nn.Linear(128, 32))
+    net[0] = DynamicInt8Linear.from_linear(net[0])
+    net[2] = DynamicInt8Linear.from_linear(net[2])
+    for kernel in ("fbgemm-u7", "fbgemm-u8"):
+        for layer in (net[0], net[2]):
+            layer.set_kernels(kernel, kernel)
+        compiled = compile_module(net)
+        with torch.inference_mode():
+            for rows in (1, 5, 9):
+                x = torch.randn(rows, 64)
+                torch.testing.assert_close(compiled(x), net(x), rtol=1e-4, atol=1e-4)
+        assert compiled._quantserve_graphs.compiles == 2, kernel  # rows == 1, and any other count
+        torch.compiler.reset()
