@@ -39,7 +39,7 @@ log = logging.getLogger(__name__)
 # what a kernel's time is weighed by, by activation bits: 8-bit int8 must be 1.2x faster than FP32 to win over it,
 # and 7-bit 1.25x faster than 8-bit (one bit less doubles the rounding error; timing noise here is ~10%)
 PRECISION_COST = {32: 1.0, 8: 1.2, 7: 1.5}
-MAX_ROWS = 256           # the batch timed per shape is at most this many rows of the real input
+MAX_ROWS = 1024          # the batch timed per shape is at most this many rows of the real input
 GROUP = 4                # layers of one shape timed in turn (enough to leave the cache; more only costs time)
 BUDGET_S = 0.1           # per candidate and size: stop repeating a slow kernel
 HOPELESS = 8.0           # a candidate whose first call takes this multiple of FP32's is not timed further
