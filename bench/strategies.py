@@ -342,7 +342,7 @@ def render(result: dict) -> str:
             "",
         ]
     c = result.get("compiled_budget")
-    if c:
+    if c and c["int8_gemm_ms"] > 0:  # none where no layer runs torch._int_mm (its kernel was slow or inexact here)
         lines += [
             f"Where the compiled int8 forward's time goes (`{GUARDED}{COMPILED_SUFFIX}`, batch 32 x 128, torch "
             f"profiler): {c['forward_ms']} ms per forward = {c['int8_gemm_ms']} ms in the int8 GEMMs "
