@@ -39,7 +39,11 @@ KERNELS = ("onednn", "fbgemm-u8", "fbgemm-u7", "fp32")
 # activation bits: where two kernels are about as fast, the more precise one is preferred
 PRECISION = {"onednn": 8, "fbgemm-u8": 8, "fbgemm-u7": 7, "fp32": 32}
 FBGEMM_ENV = "QUANTSERVE_FBGEMM"
-LEVELS = {"fbgemm-u8": 255, "fbgemm-u7": 127}
+
+
+def reduce_range(kernel: str) -> bool:
+    """Whether an FBGEMM kernel quantizes its activations to 7 bits (torch's ``reduce_range``)."""
+    return PRECISION[kernel] == 7
 
 # id(weight tensor) -> (weakref to it, weakref to the scale tensor, their versions when packed, packed weight)
 _PACKED: dict[int, tuple[Any, Any, tuple[int, int], Any]] = {}
@@ -110,15 +114,15 @@ def normalize_rows(x2: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.
     return (x2 - lo).div_(span), lo, span
 
 
-def fbgemm(layer: Any, x2: torch.Tensor, bits: int) -> torch.Tensor:
-    """A dynamic int8 layer's product through FBGEMM (``x2``: flat, smoothed input), bias included."""
-    reduce_range = bits == 7
+def fbgemm(layer: Any, x2: torch.Tensor, kernel: str) -> torch.Tensor:
+    """A dynamic int8 layer's product through an FBGEMM ``kernel`` (``x2``: flat, smoothed input), bias included."""
+    seven = reduce_range(kernel)
     call = fbgemm_linear if torch.compiler.is_compiling() else _fbgemm_linear
     if x2.shape[0] == 1:
-        y = call(x2, layer.weight_int8, layer.weight_scale, reduce_range)
+        y = call(x2, layer.weight_int8, layer.weight_scale, seven)
     else:
         xn, lo, span = normalize_rows(x2)
-        y = call(xn, layer.weight_int8, layer.weight_scale, reduce_range).mul_(span)
+        y = call(xn, layer.weight_int8, layer.weight_scale, seven).mul_(span)
         y.addr_(lo.flatten(), layer.zero_point_term)
     return y.add_(layer.bias) if layer.bias is not None else y
 
@@ -142,11 +146,11 @@ def exactness(kernel: str, layer: Any, x2: torch.Tensor) -> float:
         acc = torch._int_mm(q, w.t()).to(torch.int64)
         exact = q.to(torch.int64) @ w.to(torch.int64).t()
         return float((acc - exact).abs().max()) / max(1.0, float(exact.abs().max()))
-    levels = LEVELS[kernel]
+    levels = 2 ** PRECISION[kernel] - 1
     xn, _, _ = normalize_rows(torch.cat([x2, _adversarial(x2)]))
     q = torch.round(xn * levels)
     # an input on the kernel's own grid (each row spans exactly [0, 1]): its quantization gives back q exactly
-    out = torch.ops.quantized.linear_dynamic(q / levels, _pack(w, torch.ones(w.shape[0])), levels == 127)
+    out = torch.ops.quantized.linear_dynamic(q / levels, _pack(w, torch.ones(w.shape[0])), reduce_range(kernel))
     acc = out.double() * levels
     exact = (q.to(torch.int64) @ w.to(torch.int64).t()).double()
     return float((acc - exact).abs().max()) / max(1.0, float(exact.abs().max()))

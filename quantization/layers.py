@@ -15,7 +15,6 @@ symmetric int8 weights, one scale per output channel by default:
 
 from __future__ import annotations
 
-import warnings
 from typing import Any, Callable, ClassVar
 
 import torch
@@ -232,7 +231,7 @@ class DynamicInt8Linear(_Int8GemmLinear):
             return self._gemm(q, scale, zero)
         if kernel == "fp32":
             return kernels.fp32(self, x2)
-        return kernels.fbgemm(self, x2, kernels.PRECISION[kernel])
+        return kernels.fbgemm(self, x2, kernel)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         shape = x.shape

@@ -22,11 +22,12 @@ from .fidelity import bound_problems, ranking_score
 from .models import TaskModel
 from .strategies import QuantizedModel
 
+ROUNDS = 3  # alternating rounds of timing; the median of each side is compared
 SLOWER_THAN = 1.1  # above this multiple of FP32's time a candidate counts as slower (timing noise stays below)
 
 
 def relative_speed(run: Callable[[Any, list[Any]], Any], module: Any, baseline: Any, items: list[Any],
-                   batch: int, rounds: int = 3) -> dict[str, Any]:
+                   batch: int, rounds: int = ROUNDS) -> dict[str, Any]:
     """``module``'s time over ``baseline``'s on one input and on a full batch of ``items``, medians of rounds in
     which the two alternate (drift on a shared machine hits both alike)."""
     shapes = {"1": items[:1], str(min(batch, len(items))): items[:batch]}
@@ -117,4 +118,4 @@ def auto_select(tm: TaskModel, candidates: list[tuple[str, dict[str, Any]]], *, 
                         "bound": bound}
 
 
-__all__ = ["auto_select", "relative_speed", "SLOWER_THAN"]
+__all__ = ["auto_select", "relative_speed", "SLOWER_THAN", "ROUNDS"]

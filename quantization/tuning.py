@@ -119,8 +119,8 @@ def _timer(kernel: str, layers: list[DynamicInt8Linear], x2: torch.Tensor, compi
         calls = [lambda w=layer.float_weight(): torch.nn.functional.linear(x2, w) for layer in layers]
     else:
         xn = x2 if x2.shape[0] == 1 else kernels.normalize_rows(x2)[0]
-        reduce_range = kernels.PRECISION[kernel] == 7
-        calls = [lambda layer=layer: kernels._fbgemm_linear(xn, layer.weight_int8, layer.weight_scale, reduce_range)
+        seven = kernels.reduce_range(kernel)
+        calls = [lambda layer=layer: kernels._fbgemm_linear(xn, layer.weight_int8, layer.weight_scale, seven)
                  for layer in layers]
 
     def run() -> None:

@@ -10,7 +10,6 @@ default route and A/B split, so unpinned requests go to the baseline. Pinned req
 
 from __future__ import annotations
 
-import logging
 from typing import Any
 
 from quantization.cpu import CpuProfile, profile as cpu_profile
@@ -18,8 +17,6 @@ from quantization.fidelity import bound_problems
 
 from .config import GateConfig
 
-log = logging.getLogger("service.gate")
-ROUNDS = 3
 
 
 def cpu_note(prof: CpuProfile) -> str:
@@ -58,4 +55,4 @@ def live_problem(variant: str, metric: str, mean: float, inputs: int, bound: dic
            f"over {inputs} shadow comparisons)"
 
 
-__all__ = ["judge", "live_problem", "cpu_note", "ROUNDS"]
+__all__ = ["judge", "live_problem", "cpu_note"]

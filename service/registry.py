@@ -28,7 +28,7 @@ from quantization.errors import ArtifactError, QuantizationError
 from quantization.models import TaskModel, load_task_model
 from quantization.pipeline import probe_texts, quantize_model
 from quantization.report import serialized_bytes
-from quantization.selection import auto_select, relative_speed
+from quantization.selection import ROUNDS, auto_select, relative_speed
 
 from .batching import BatchConfig, DynamicBatcher, ModelLane
 from . import gate
@@ -362,7 +362,7 @@ class Registry:
         mc = served.config
         if vc.strategy == "fp32" or mc.baseline is None:
             return None, None  # the baseline itself
-        rounds = 2 if mc.task == "translate" else gate.ROUNDS
+        rounds = 2 if mc.task == "translate" else ROUNDS
         speed = relative_speed(served.adapter.run, module, served.task_model.module, probe_items, self._batch(),
                                   rounds)
         reason = gate.judge(vc.name, mc.baseline, mc.bound, fid, speed, self.settings.gate, self.cpu)
