@@ -69,7 +69,7 @@ def layers_sharing_inputs(module: nn.Module, names: list[str], run: Callable[[],
 
 
 def smoothing_factors(module: nn.Module, names: list[str], calibration: list[Batch] | None,
-                      alpha: float, joint: bool = False) -> dict[str, torch.Tensor]:
+                      alpha: float, joint: bool = False, floor: float = 0.0) -> dict[str, torch.Tensor]:
     """SmoothQuant per-input-channel factors s_j = max|x_j|^alpha / max|w_j|^(1 - alpha).
 
     Dividing activation channel j by s_j and multiplying weight column j by it leaves the
@@ -80,6 +80,11 @@ def smoothing_factors(module: nn.Module, names: list[str], calibration: list[Bat
     factor vector, with max|w_j| over all their weights, as SmoothQuant smooths them: their smoothed
     inputs are then identical, so one quantized input and one GEMM can serve them all
     (:func:`quantization.layers.share_input_gemms`).
+
+    ``floor``: each channel's activation maximum counts as at least ``floor`` x the median over the
+    layer's channels. A channel the calibration texts never woke (a ReLU output that stayed 0) would
+    otherwise get s_j ~ 1e-5: the first input that wakes it is divided by that and crushes every other
+    channel of its token to zero in the int8 grid.
     """
     absmax: dict[str, torch.Tensor] = {}
 
@@ -96,6 +101,6 @@ def smoothing_factors(module: nn.Module, names: list[str], calibration: list[Bat
     for name in names:
         w_absmax = torch.stack([module.get_submodule(n).weight.detach().float().abs().amax(0)
                                 for n in groups[name]]).amax(0).clamp_min(1e-5)
-        a = absmax[name].clamp_min(1e-5)
+        a = absmax[name].clamp_min(max(1e-5, floor * float(absmax[name].median())))
         factors[name] = (a.pow(alpha) / w_absmax.pow(1 - alpha)).clamp_min(1e-5)
     return factors

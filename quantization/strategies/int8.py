@@ -41,6 +41,15 @@ def _weight_observer(p: Int8WeightParams) -> Observer | None:
 
 SMOOTH_DESCRIPTION = ("SmoothQuant migration strength: divide activation channel j by max|x_j|^a / max|w_j|^(1-a) "
                       "(measured on calibration texts) and fold it into the weights; null turns smoothing off")
+SMOOTH_FLOOR_DESCRIPTION = (
+    "smoothing counts each activation channel's calibration maximum as at least this multiple of the layer's "
+    "median channel maximum, so a channel the calibration texts never used (a ReLU output that stayed 0) is not "
+    "divided by ~0 once real input uses it (Bergamot pt-en, 32 hard sentences: 0% identical to FP32 at 0, 88% "
+    "at 0.5; MiniLM min cosine 0.9956 -> 0.9949)")
+
+
+def _smooth_floor() -> Any:
+    return Field(0.5, ge=0.0, le=10.0, description=SMOOTH_FLOOR_DESCRIPTION)
 
 
 class DynamicParams(Int8WeightParams):
@@ -48,6 +57,7 @@ class DynamicParams(Int8WeightParams):
         "token", description="activation scale per token (row), or one per batch as torch's quantize_dynamic does")
     act_symmetric: bool = Field(False, description="symmetric activation range (zero point 0); asymmetric uses the int8 grid better for GELU outputs")
     smooth_alpha: float | None = Field(0.5, ge=0.0, le=1.0, description=SMOOTH_DESCRIPTION)
+    smooth_floor: float = _smooth_floor()
     smooth_jointly: bool = Field(
         True, description="one smoothing vector for layers that read the same input (attention's query, key and "
                           "value), so that compiled forwards run them as one GEMM; per-layer vectors fit each "
@@ -75,7 +85,7 @@ class DynamicInt8(LayerwiseStrategy):
             raise CalibrationError("dynamic-int8 with smooth_alpha measures activation channels on sample texts; "
                                    "give calibration texts or set smooth_alpha to null")
         self.smooth = smoothing_factors(module, self.units(module), calibration, p.smooth_alpha,
-                                         joint=p.smooth_jointly)
+                                         joint=p.smooth_jointly, floor=p.smooth_floor)
 
     def convert(self, name: str, linear: nn.Linear) -> nn.Module:
         p: DynamicParams = self.params  # type: ignore[assignment]
@@ -89,6 +99,7 @@ class StaticParams(Int8WeightParams):
     act_percentile: float = Field(99.99, gt=50.0, le=100.0, description="percentile for the percentile observer")
     act_symmetric: bool = Field(False, description="symmetric activation range; asymmetric suits GELU outputs")
     smooth_alpha: float | None = Field(0.8, ge=0.0, le=1.0, description=SMOOTH_DESCRIPTION)
+    smooth_floor: float = _smooth_floor()
 
 
 @register
@@ -109,7 +120,7 @@ class StaticInt8(LayerwiseStrategy):
         names = self.units(module)
         self.tokens = int(sum(int(b["attention_mask"].sum()) for b in calibration or [] if "attention_mask" in b))
         if p.smooth_alpha is not None:
-            self.smooth = smoothing_factors(module, names, calibration, p.smooth_alpha)
+            self.smooth = smoothing_factors(module, names, calibration, p.smooth_alpha, floor=p.smooth_floor)
         options: dict[str, Any] = {"percentile": p.act_percentile} if p.act_observer == "percentile" else {}
         scheme = static_act_scheme(p.act_symmetric)
         self.act_observers = {n: make_observer(p.act_observer, scheme, **options) for n in names}
