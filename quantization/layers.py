@@ -18,6 +18,7 @@ from __future__ import annotations
 from typing import Any, Callable, ClassVar
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from . import kernels
@@ -113,9 +114,13 @@ class _Int8GemmLinear(QuantizedLinear):
             self.bias.copy_(linear.bias.detach().float())
         self._refresh()
 
-    def dequantized_weight(self) -> torch.Tensor:
+    def scaled_weight(self) -> torch.Tensor:
+        """The int8 weight times its scales: what the GEMM multiplies smoothed inputs by."""
         scale = self.weight_scale.reshape(-1, 1) if self.weight_scale.numel() > 1 else self.weight_scale
-        w = self.weight_int8.float() * scale
+        return self.weight_int8.float() * scale
+
+    def dequantized_weight(self) -> torch.Tensor:
+        w = self.scaled_weight()
         return w / self.smooth if self.has_smooth else w
 
     def _flat_input(self, x: torch.Tensor, smooth: torch.Tensor | None = None) -> torch.Tensor:
@@ -156,6 +161,9 @@ class _Int8GemmLinear(QuantizedLinear):
     def _load_from_state_dict(self, *args: Any, **kwargs: Any) -> None:
         super()._load_from_state_dict(*args, **kwargs)
         self._refresh()
+
+
+DERIVED = ("_float_weight", "_input_weight")  # float copies of a dynamic int8 layer's weight, made on demand
 
 
 class DynamicInt8Linear(_Int8GemmLinear):
@@ -205,17 +213,28 @@ class DynamicInt8Linear(_Int8GemmLinear):
         """The dequantized weight for smoothed inputs (the ``fp32`` kernel's), made once when first asked for."""
         w = self.__dict__.get("_float_weight")
         if w is None:
-            scale = self.weight_scale.reshape(-1, 1) if self.weight_scale.numel() > 1 else self.weight_scale
-            w = self.__dict__["_float_weight"] = self.weight_int8.float() * scale
+            w = self.__dict__["_float_weight"] = self.scaled_weight()
+        return w
+
+    def input_weight(self) -> torch.Tensor:
+        """The dequantized weight with smoothing divided back out: it reads the layer's raw input, so an ``fp32``
+        kernel call costs what ``nn.Linear`` costs (no flattening, no division, no cast)."""
+        if not self.has_smooth:
+            return self.float_weight()
+        w = self.__dict__.get("_input_weight")
+        if w is None:
+            w = self.__dict__["_input_weight"] = self.dequantized_weight()
+            self.__dict__.pop("_float_weight", None)  # one float copy per layer is enough
         return w
 
     def __getstate__(self) -> dict[str, Any]:
         state = super().__getstate__()
-        return {k: v for k, v in state.items() if k != "_float_weight"}  # derived; made again on demand
+        return {k: v for k, v in state.items() if k not in DERIVED}  # made again on demand
 
     def _refresh(self) -> None:
         super()._refresh()
-        self.__dict__.pop("_float_weight", None)  # new weights
+        for key in DERIVED:  # new weights
+            self.__dict__.pop(key, None)
 
     def set_kernels(self, row: str, batch: str) -> None:
         """The kernels for one-row inputs and for larger ones (:mod:`quantization.kernels`)."""
@@ -236,6 +255,10 @@ class DynamicInt8Linear(_Int8GemmLinear):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         shape = x.shape
         kernel = self.row_kernel if x.numel() == self.in_features else self.batch_kernel
+        if kernel == "fp32" and x.dtype == torch.float32:
+            # where FP32 won the timing (one-row products of small layers, mostly), nothing may cost more than
+            # the FP32 model's own layer: a one-row decoding step calls a dozen of these
+            return F.linear(x, self.input_weight(), self.bias)
         if kernel.startswith("fbgemm") and (x.requires_grad or self.act_symmetric):
             kernel = "onednn"  # FBGEMM's kernels have no backward and quantize asymmetrically
         if kernel == "onednn" and self.shared_columns is not None and torch.compiler.is_compiling():
