@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
 import time
 from pathlib import Path
 from typing import Any
@@ -35,6 +36,8 @@ MANIFEST = "manifest.json"
 TORCH_FILE = "weights.safetensors"
 ONNX_FILE = "model.onnx"
 
+log = logging.getLogger(__name__)
+
 
 def runtime_versions(runtime: str) -> dict[str, str]:
     versions = {"quantization": __version__, "torch": torch.__version__}
@@ -51,6 +54,29 @@ def _sha256(path: Path) -> str:
         for chunk in iter(lambda: f.read(1 << 20), b""):
             h.update(chunk)
     return h.hexdigest()
+
+
+def save_beside(directory: str | Path, name: str, record: dict[str, Any]) -> bool:
+    """Write ``record`` as ``name`` (JSON) into an artifact directory: measurements that belong beside a variant,
+    such as the kernels or the auto candidate chosen for one CPU profile. False where the directory is read-only
+    (the measurement is then made again next time)."""
+    path = Path(directory) / name
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(json.dumps(_json_safe(record), indent=1))
+        return True
+    except OSError as exc:
+        log.info("%s not saved: %s", path, exc)
+        return False
+
+
+def load_beside(directory: str | Path, name: str) -> dict[str, Any] | None:
+    """A record :func:`save_beside` wrote, or None if there is none or it is unreadable."""
+    try:
+        record = json.loads((Path(directory) / name).read_text())
+    except (OSError, ValueError):
+        return None
+    return record if isinstance(record, dict) else None
 
 
 def _json_safe(value: Any) -> Any:

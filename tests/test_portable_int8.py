@@ -82,11 +82,12 @@ def test_kernels_are_chosen_by_measurement_checked_and_kept_per_cpu_profile(mini
     assert set(record["layers"]) == set(layers) and record["candidates"][0] == "onednn"
     assert record["candidates"][-1] == "fp32"
     for name, pick in record["layers"].items():
-        assert (layers[name].row_kernel, layers[name].batch_kernel) == (pick["row"], pick["batch"])
+        layer = layers[name]
+        assert (layer.row_kernel, layer.few_kernel, layer.batch_kernel) == (pick["row"], pick["few"], pick["batch"])
         for kernel in pick.values():  # whatever won is exact on this CPU, on this layer's real input
             assert kernel not in record["inexact"]
-    for shape in record["shapes"]:  # every candidate was timed at one row and at the full batch
-        assert set(shape["row_us"]) == set(shape["batch_us"]) == set(record["candidates"])
+    for shape in record["shapes"]:  # every candidate was timed at one row, a few rows and the full batch
+        assert set(shape["row_us"]) == set(shape["few_us"]) == set(shape["batch_us"]) == set(record["candidates"])
         assert shape["rows"] > 100
     if not cpu.profile().int8_dot:
         assert "fbgemm-u8" not in record["candidates"]
@@ -106,6 +107,17 @@ def test_kernels_are_chosen_by_measurement_checked_and_kept_per_cpu_profile(mini
     ref, out = minilm.run(None, eval_texts()), minilm.run(qm.module, eval_texts())
     cos = torch.nn.functional.cosine_similarity(ref, out, dim=-1)
     assert cos.mean() > 0.995 and cos.min() > 0.98
+
+
+def test_a_layer_runs_its_row_few_rows_and_batch_kernels_by_input_size(minilm):
+    layer = next(iter(tuning.int8_layers(quantize_model(minilm, "dynamic-int8").module).values()))
+    layer.set_kernels("fp32", "onednn", few="fbgemm-u7")
+    d = layer.in_features
+    assert [layer.kernel_for(torch.zeros(rows, d)) for rows in (1, 2, kernels.FEW_ROWS, kernels.FEW_ROWS + 1)] == \
+        ["fp32", "fbgemm-u7", "fbgemm-u7", "onednn"]
+    assert layer.kernel_for(torch.zeros(1, 16, d)) == "fbgemm-u7"  # rows are tokens, whatever the batch shape
+    layer.set_kernels("fp32", "onednn")  # few defaults to the batch kernel
+    assert layer.kernel_for(torch.zeros(4, d)) == "onednn"
 
 
 def test_the_gate_names_a_slow_or_unfaithful_variant_in_one_sentence():
