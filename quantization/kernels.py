@@ -131,6 +131,16 @@ def fbgemm(layer: Any, x2: torch.Tensor, kernel: str) -> torch.Tensor:
     return y.add_(layer.bias) if layer.bias is not None else y
 
 
+def fbgemm_static(layer: Any, x2: torch.Tensor, kernel: str) -> torch.Tensor:
+    """A static int8 layer's product through FBGEMM on its calibrated grid (``layer.fbgemm_grid``), bias included."""
+    scale, zero, lo, hi = layer.fbgemm_grid(kernel)
+    if reduce_range(kernel):
+        x2 = x2.clamp(lo, hi)
+    y = torch.ops.quantized.linear_with_input_q_dq_qweight_dq_output_fp32(
+        x2.contiguous(), scale, zero, _packed(layer.weight_int8, layer.weight_scale))
+    return y.add_(layer.bias) if layer.bias is not None else y
+
+
 def fp32(layer: Any, x2: torch.Tensor) -> torch.Tensor:
     """The floor: the layer's dequantized weights (smoothing left folded in) in an FP32 GEMM."""
     return F.linear(x2, layer.float_weight(), layer.bias)
@@ -150,12 +160,21 @@ def exactness(kernel: str, layer: Any, x2: torch.Tensor) -> float:
         acc = torch._int_mm(q, w.t()).to(torch.int64)
         exact = q.to(torch.int64) @ w.to(torch.int64).t()
         return float((acc - exact).abs().max()) / max(1.0, float(exact.abs().max()))
-    levels = 2 ** PRECISION[kernel] - 1
-    xn, _, _ = normalize_rows(torch.cat([x2, _adversarial(x2)]))
-    q = torch.round(xn * levels)
-    # an input on the kernel's own grid (each row spans exactly [0, 1]): its quantization gives back q exactly
-    out = torch.ops.quantized.linear_dynamic(q / levels, _pack(w, torch.ones(w.shape[0])), reduce_range(kernel))
-    acc = out.double() * levels
+    xs = torch.cat([x2, _adversarial(x2)])
+    grid = getattr(layer, "fbgemm_grid", None)
+    if grid is not None:  # a static layer: its calibrated grid
+        scale, zero, lo, hi = grid(kernel)
+        q = torch.round(xs.clamp(lo, hi) / scale)  # minus the zero point: what multiplies the weights
+        # inputs on the grid (q * scale): the kernel's own quantization gives back q exactly
+        acc = (fbgemm_static(layer, q * scale, kernel) - (layer.bias if layer.bias is not None else 0)).double()
+        acc = acc / (scale * layer.weight_scale.double())
+    else:
+        levels = 2 ** PRECISION[kernel] - 1
+        xn, _, _ = normalize_rows(xs)
+        q = torch.round(xn * levels)
+        # an input on the kernel's own grid (each row spans exactly [0, 1]): its quantization gives back q exactly
+        out = torch.ops.quantized.linear_dynamic(q / levels, _pack(w, torch.ones(w.shape[0])), reduce_range(kernel))
+        acc = out.double() * levels
     exact = (q.to(torch.int64) @ w.to(torch.int64).t()).double()
     return float((acc - exact).abs().max()) / max(1.0, float(exact.abs().max()))
 
@@ -169,5 +188,5 @@ def _adversarial(x2: torch.Tensor) -> torch.Tensor:
 EXACT_TOLERANCE = 1e-6  # float rounding of the dequantized product; one saturated pair is far above it
 
 
-__all__ = ["KERNELS", "PRECISION", "FBGEMM_ENV", "fbgemm_available", "fbgemm_linear", "fbgemm", "fp32",
+__all__ = ["KERNELS", "PRECISION", "FBGEMM_ENV", "fbgemm_available", "fbgemm_linear", "fbgemm", "fbgemm_static", "fp32",
            "exactness", "normalize_rows", "EXACT_TOLERANCE", "FEW_ROWS", "FEW_TIMED"]

@@ -74,13 +74,23 @@ class QuantizedLinear(nn.Module):
         return f"in_features={self.in_features}, out_features={self.out_features}, kind={self.kind}"
 
 
-class _Int8GemmLinear(QuantizedLinear):
-    """int8 weights for an int8 GEMM, with an optional per-input-channel ``smooth`` vector.
+# made on demand from the stored buffers, dropped when they change: float copies of the weight, FBGEMM input grids
+DERIVED = ("_float_weight", "_input_weight", "_grids")
+
+
+class Int8GemmLinear(QuantizedLinear):
+    """int8 weights for an int8 GEMM, with an optional per-input-channel ``smooth`` vector, and the kernels it
+    runs for one row, a few rows and more (:mod:`quantization.kernels`).
 
     Smoothing (SmoothQuant) divides activation channel j by smooth[j] before rounding; the
     weight's column j was multiplied by smooth[j] before quantization, so the product is
     unchanged while activation outlier channels shrink.
     """
+
+    # until quantization.tuning has measured this CPU: oneDNN, exact on every CPU (fast only with VNNI)
+    row_kernel: str = "onednn"
+    few_kernel: str = "onednn"  # up to kernels.FEW_ROWS rows
+    batch_kernel: str = "onednn"
 
     def __init__(self, in_features: int, out_features: int, has_bias: bool, weight_granularity: str = "channel",
                  smooth: bool = False) -> None:
@@ -157,16 +167,63 @@ class _Int8GemmLinear(QuantizedLinear):
         """
         term = self.weight_int8.sum(dim=1, dtype=torch.int32).to(torch.float32) * self.weight_scale
         self.register_buffer("zero_point_term", term, persistent=False)
+        for key in DERIVED:  # new weights
+            self.__dict__.pop(key, None)
+
+    # -- kernels (quantization.kernels; chosen per CPU by quantization.tuning) ---------------------------------
+    def float_weight(self) -> torch.Tensor:
+        """The dequantized weight for smoothed inputs (the ``fp32`` kernel's), made once when first asked for."""
+        w = self.__dict__.get("_float_weight")
+        if w is None:
+            w = self.__dict__["_float_weight"] = self.scaled_weight()
+        return w
+
+    def input_weight(self) -> torch.Tensor:
+        """The dequantized weight with smoothing divided back out: it reads the layer's raw input, so an ``fp32``
+        kernel call costs what ``nn.Linear`` costs (no flattening, no division, no cast)."""
+        if not self.has_smooth:
+            return self.float_weight()
+        w = self.__dict__.get("_input_weight")
+        if w is None:
+            w = self.__dict__["_input_weight"] = self.dequantized_weight()
+            self.__dict__.pop("_float_weight", None)  # one float copy per layer is enough
+        return w
+
+    def __getstate__(self) -> dict[str, Any]:
+        state = super().__getstate__()
+        return {k: v for k, v in state.items() if k not in DERIVED}  # made again on demand
+
+    def set_kernels(self, row: str, batch: str, few: str | None = None) -> None:
+        """The kernels for one-row inputs, for up to ``kernels.FEW_ROWS`` rows (default: ``batch``'s) and for more
+        (:mod:`quantization.kernels`)."""
+        few = batch if few is None else few
+        for kernel in (row, few, batch):
+            if kernel not in kernels.KERNELS:
+                raise ValueError(f"unknown kernel {kernel!r}; one of {', '.join(kernels.KERNELS)}")
+        self.row_kernel, self.few_kernel, self.batch_kernel = row, few, batch
+
+    def kernel_for(self, x: torch.Tensor) -> str:
+        n = x.numel()
+        if n == self.in_features:
+            return self.row_kernel
+        # compared only where the two differ, so a compiled forward (one kernel for both) gets no guard on the rows
+        if self.few_kernel != self.batch_kernel and n <= kernels.FEW_ROWS * self.in_features:
+            return self.few_kernel
+        return self.batch_kernel
+
+    def fp32_fast(self, x: torch.Tensor, kernel: str) -> bool:
+        """Whether ``kernel`` is the FP32 floor on a float32 input: then the layer calls ``F.linear`` on its raw
+        input and costs what ``nn.Linear`` costs (where FP32 won the timing, one-row products of small layers
+        mostly, nothing may cost more than the FP32 model's own layer: a decoding step calls a dozen)."""
+        return kernel == "fp32" and x.dtype == torch.float32
+
 
     def _load_from_state_dict(self, *args: Any, **kwargs: Any) -> None:
         super()._load_from_state_dict(*args, **kwargs)
         self._refresh()
 
 
-DERIVED = ("_float_weight", "_input_weight")  # float copies of a dynamic int8 layer's weight, made on demand
-
-
-class DynamicInt8Linear(_Int8GemmLinear):
+class DynamicInt8Linear(Int8GemmLinear):
     """int8 weights; activations quantized at run time from each batch's own range.
 
     ``act_granularity="token"`` gives every row (token) its own scale, which is what keeps
@@ -174,10 +231,6 @@ class DynamicInt8Linear(_Int8GemmLinear):
     """
 
     kind = "dynamic-int8"
-    # until quantization.tuning has measured this CPU: oneDNN, exact on every CPU (fast only with VNNI)
-    row_kernel: str = "onednn"
-    few_kernel: str = "onednn"  # up to kernels.FEW_ROWS rows
-    batch_kernel: str = "onednn"
 
     def __init__(self, in_features: int, out_features: int, has_bias: bool, weight_granularity: str = "channel",
                  smooth: bool = False, act_granularity: str = "token", act_symmetric: bool = False) -> None:
@@ -210,51 +263,6 @@ class DynamicInt8Linear(_Int8GemmLinear):
         zero = (-128 - torch.round(lo / scale)).clamp_(-128, 127)
         return (x2 / scale).round_().add_(zero).clamp_(-128, 127).to(torch.int8), scale, zero
 
-    def float_weight(self) -> torch.Tensor:
-        """The dequantized weight for smoothed inputs (the ``fp32`` kernel's), made once when first asked for."""
-        w = self.__dict__.get("_float_weight")
-        if w is None:
-            w = self.__dict__["_float_weight"] = self.scaled_weight()
-        return w
-
-    def input_weight(self) -> torch.Tensor:
-        """The dequantized weight with smoothing divided back out: it reads the layer's raw input, so an ``fp32``
-        kernel call costs what ``nn.Linear`` costs (no flattening, no division, no cast)."""
-        if not self.has_smooth:
-            return self.float_weight()
-        w = self.__dict__.get("_input_weight")
-        if w is None:
-            w = self.__dict__["_input_weight"] = self.dequantized_weight()
-            self.__dict__.pop("_float_weight", None)  # one float copy per layer is enough
-        return w
-
-    def __getstate__(self) -> dict[str, Any]:
-        state = super().__getstate__()
-        return {k: v for k, v in state.items() if k not in DERIVED}  # made again on demand
-
-    def _refresh(self) -> None:
-        super()._refresh()
-        for key in DERIVED:  # new weights
-            self.__dict__.pop(key, None)
-
-    def set_kernels(self, row: str, batch: str, few: str | None = None) -> None:
-        """The kernels for one-row inputs, for up to ``kernels.FEW_ROWS`` rows (default: ``batch``'s) and for more
-        (:mod:`quantization.kernels`)."""
-        few = batch if few is None else few
-        for kernel in (row, few, batch):
-            if kernel not in kernels.KERNELS:
-                raise ValueError(f"unknown kernel {kernel!r}; one of {', '.join(kernels.KERNELS)}")
-        self.row_kernel, self.few_kernel, self.batch_kernel = row, few, batch
-
-    def kernel_for(self, x: torch.Tensor) -> str:
-        n = x.numel()
-        if n == self.in_features:
-            return self.row_kernel
-        # compared only where the two differ, so a compiled forward (one kernel for both) gets no guard on the rows
-        if self.few_kernel != self.batch_kernel and n <= kernels.FEW_ROWS * self.in_features:
-            return self.few_kernel
-        return self.batch_kernel
-
     def run_kernel(self, kernel: str, x2: torch.Tensor) -> torch.Tensor:
         """The product of a flat, smoothed input through ``kernel``, as a [rows, out] float tensor."""
         if kernel == "onednn":
@@ -267,9 +275,7 @@ class DynamicInt8Linear(_Int8GemmLinear):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         shape = x.shape
         kernel = self.kernel_for(x)
-        if kernel == "fp32" and x.dtype == torch.float32:
-            # where FP32 won the timing (one-row products of small layers, mostly), nothing may cost more than
-            # the FP32 model's own layer: a one-row decoding step calls a dozen of these
+        if self.fp32_fast(x, kernel):
             return F.linear(x, self.input_weight(), self.bias)
         if kernel.startswith("fbgemm") and (x.requires_grad or self.act_symmetric):
             kernel = "onednn"  # FBGEMM's kernels have no backward and quantize asymmetrically
@@ -285,7 +291,7 @@ class DynamicInt8Linear(_Int8GemmLinear):
         return y.reshape(*shape[:-1], self.out_features).to(x.dtype)
 
 
-class StaticInt8Linear(_Int8GemmLinear):
+class StaticInt8Linear(Int8GemmLinear):
     """int8 weights and int8 activations whose (scale, zero point) were fixed by calibration."""
 
     kind = "static-int8"
@@ -312,13 +318,45 @@ class StaticInt8Linear(_Int8GemmLinear):
         # a plain bool, so the forward has no data-dependent branch (one graph under torch.compile)
         self.has_zero_point = bool(getattr(self, "act_zero_point", torch.zeros(())) != 0)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        shape = x.shape
-        x2 = self._flat_input(x)
+    def _quantize_input(self, x2: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+        """(int8 activations, their scale, zero point or None) on the calibrated grid."""
         zero = self.act_zero_point
         q = (x2 / self.act_scale).round_().add_(zero).clamp_(-128, 127).to(torch.int8)
-        y = self._gemm(q, self.act_scale, zero if self.has_zero_point else None)
-        return y.reshape(*shape[:-1], self.out_features).to(x.dtype)
+        return q, self.act_scale, zero if self.has_zero_point else None
+
+    def fbgemm_grid(self, kernel: str) -> tuple[float, int, float, float]:
+        """(scale, zero point, lowest, highest input) of the calibrated range on FBGEMM's unsigned grid: the same
+        grid shifted by 128 for 8-bit activations; for 7-bit ones the range re-cut into 127 steps, with inputs
+        clamped to it so that no quantized value exceeds 127 (what keeps int16 pair sums exact without VNNI)."""
+        grids = self.__dict__.setdefault("_grids", {})
+        if kernel not in grids:
+            scale, zero = float(self.act_scale), int(self.act_zero_point)
+            lo, hi = (-128 - zero) * scale, (127 - zero) * scale
+            if kernels.reduce_range(kernel):
+                scale = max((hi - lo) / 127.0, 1e-12)
+                zero_u = min(127, max(0, round(-lo / scale)))
+            else:
+                zero_u = zero + 128
+            top = 127 if kernels.reduce_range(kernel) else 255
+            grids[kernel] = (scale, zero_u, -zero_u * scale, (top - zero_u) * scale)
+        return grids[kernel]
+
+    def run_kernel(self, kernel: str, x2: torch.Tensor) -> torch.Tensor:
+        """The product of a flat, smoothed input through ``kernel``, as a [rows, out] float tensor."""
+        if kernel == "onednn":
+            return self._gemm(*self._quantize_input(x2))
+        if kernel == "fp32":
+            return kernels.fp32(self, x2)
+        return kernels.fbgemm_static(self, x2, kernel)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        kernel = self.kernel_for(x)
+        if self.fp32_fast(x, kernel):
+            return F.linear(x, self.input_weight(), self.bias)
+        if kernel.startswith("fbgemm") and (x.requires_grad or torch.compiler.is_compiling()):
+            kernel = "onednn"  # no backward, and compiled graphs reach FBGEMM only through the dynamic layers' op
+        y = self.run_kernel(kernel, self._flat_input(x))
+        return y.reshape(*x.shape[:-1], self.out_features).to(x.dtype)
 
 
 def share_input_gemms(module: nn.Module, probe: Callable[[nn.Module], Any]) -> int:

@@ -33,7 +33,7 @@ from torch import nn
 from . import kernels
 from .artifacts import load_beside, save_beside
 from .cpu import CpuProfile, profile as cpu_profile
-from .layers import DynamicInt8Linear
+from .layers import DynamicInt8Linear, Int8GemmLinear
 
 log = logging.getLogger(__name__)
 # what a kernel's time is weighed by, by activation bits: 8-bit int8 must be 1.2x faster than FP32 to win over it,
@@ -59,19 +59,20 @@ def candidates(prof: CpuProfile | None = None) -> list[str]:
     return out
 
 
-def int8_layers(module: Any) -> dict[str, DynamicInt8Linear]:
-    """The dynamic int8 layers of ``module`` (none in a runtime that is not a torch module: ONNX, native)."""
+def int8_layers(module: Any) -> dict[str, Int8GemmLinear]:
+    """The int8 GEMM layers (dynamic and static) of ``module`` (none in a runtime that is not a torch module:
+    ONNX, native)."""
     if not isinstance(module, nn.Module):
         return {}
-    return {n: m for n, m in module.named_modules() if isinstance(m, DynamicInt8Linear)}
+    return {n: m for n, m in module.named_modules() if isinstance(m, Int8GemmLinear)}
 
 
-def capture_inputs(module: nn.Module, layers: dict[str, DynamicInt8Linear],
+def capture_inputs(module: nn.Module, layers: dict[str, Int8GemmLinear],
                    probe: Callable[[nn.Module], Any]) -> dict[str, torch.Tensor]:
     """Each layer's largest flat, smoothed input during ``probe(module)``."""
     seen: dict[str, torch.Tensor] = {}
 
-    def hook_for(name: str, layer: DynamicInt8Linear):
+    def hook_for(name: str, layer: Int8GemmLinear):
         def hook(_mod: nn.Module, args: tuple[Any, ...]) -> None:
             x2 = layer._flat_input(args[0].detach())
             if name not in seen or x2.shape[0] > seen[name].shape[0]:
@@ -106,11 +107,11 @@ def _time(fn: Callable[[], Any], give_up: float = float("inf")) -> float:
     return statistics.median(times)
 
 
-def _timer(kernel: str, layers: list[DynamicInt8Linear], x2: torch.Tensor, compiled: bool) -> Callable[[], Any]:
+def _timer(kernel: str, layers: list[Int8GemmLinear], x2: torch.Tensor, compiled: bool) -> Callable[[], Any]:
     """One call of ``kernel`` on each of ``layers`` (all of one shape) in turn: each call meets weights that are not
     the ones it just read, as in a real forward (timing one layer over and over would keep its weights in cache and
     flatter the kernels that read the most bytes)."""
-    if not compiled:
+    if not compiled or not isinstance(layers[0], DynamicInt8Linear):
         calls = [lambda layer=layer: layer.run_kernel(kernel, x2) for layer in layers]
     elif kernel == "onednn":  # the GEMM alone: the compiled forward fuses quantization and epilogue around it
         q, _, _ = layers[0]._quantize_input(x2)
@@ -146,9 +147,10 @@ def sizes(x2: torch.Tensor, compiled: bool) -> list[tuple[str, torch.Tensor]]:
 
 def choose_kernels(module: nn.Module, probe: Callable[[nn.Module], Any], *, compiled: bool = False,
                    prof: CpuProfile | None = None) -> dict[str, Any] | None:
-    """Measure, check and set every dynamic int8 layer's kernels; the record of what was chosen and why.
+    """Measure, check and set every int8 GEMM layer's kernels (dynamic or static); the record of what was chosen
+    and why.
 
-    None when the module has no dynamic int8 layer. Call it before compiling the module.
+    None when the module has no such layer. Call it before compiling the module.
     """
     layers = int8_layers(module)
     if not layers:
@@ -158,6 +160,8 @@ def choose_kernels(module: nn.Module, probe: Callable[[nn.Module], Any], *, comp
     inputs = capture_inputs(module, layers, probe)
     names = [n for n in layers if n in inputs]
     pool = candidates(prof)
+    if compiled and not all(isinstance(layer, DynamicInt8Linear) for layer in layers.values()):
+        pool = [k for k in pool if not k.startswith("fbgemm")]  # compiled static layers reach FBGEMM through no op
     by_shape: dict[tuple[int, int], list[str]] = {}
     for name in names:
         by_shape.setdefault((layers[name].in_features, layers[name].out_features), []).append(name)

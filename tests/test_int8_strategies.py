@@ -5,6 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
+from quantization import tuning
 from quantization.fidelity import fidelity
 from quantization.pipeline import quantize_model
 from quantization.report import build_report
@@ -96,6 +97,32 @@ def test_batched_results_match_one_by_one(minilm, texts):
     alone = torch.cat([minilm.run(qm.module, [t]) for t in texts[:12]])
     cos = torch.nn.functional.cosine_similarity(together, alone)
     assert float(cos.min()) > 0.9999  # static scales do not depend on what else is in the batch
+
+
+def test_a_static_layer_computes_the_same_product_on_every_kernel(minilm):
+    """Static int8 layers (static-int8, qat-int8) run the same kernels as dynamic ones, on their calibrated grid:
+    FBGEMM's 8-bit kernel gives oneDNN's product exactly; 7-bit re-cuts the range into 127 steps; FP32 is the
+    floor (no activation rounding at all)."""
+    from quantization import kernels
+
+    qm = quantize_model(minilm, "static-int8")
+    layer = qm.module.get_submodule("model.encoder.layer.0.intermediate.dense")
+    torch.manual_seed(0)
+    rows = torch.randn(40, layer.in_features)
+    with torch.inference_mode():
+        out = {k: layer.run_kernel(k, layer._flat_input(rows)) for k in kernels.KERNELS}
+        scale = out["onednn"].abs().max()
+        # the same grid: equal but where an input sits on a rounding tie (FBGEMM multiplies by 1 / scale)
+        assert (out["fbgemm-u8"] - out["onednn"]).abs().max() < 2e-3 * scale
+        assert (out["fbgemm-u7"] - out["onednn"]).abs().max() < 0.1 * scale  # half the steps
+        assert (out["fp32"] - out["onednn"]).abs().max() < 0.1 * scale
+        for kernel in kernels.KERNELS:  # the forward runs the kernel chosen for the input's size
+            layer.set_kernels("fp32", kernel, few="onednn")
+            assert torch.equal(layer(rows.reshape(1, 40, -1))[0], out[kernel]) or kernel == "fp32"
+            few = layer(rows[:32].reshape(4, 8, -1)).reshape(32, -1)  # 32 rows: the few-rows kernel
+            assert torch.allclose(few, out["onednn"][:32], atol=1e-5)
+    record = tuning.choose_kernels(qm.module, lambda m: minilm.run(m, ["a short sentence", "and another one"]))
+    assert set(record["layers"]) == set(tuning.int8_layers(qm.module)) and not record["inexact"].get("onednn")
 
 
 def test_every_kernel_computes_the_same_layer_and_one_rows_match_batches(minilm):

@@ -67,11 +67,20 @@ def test_the_exact_integer_check_catches_a_saturating_kernel():
         lin.weight.data = lin.weight.data.abs()  # positive weights: pairs of products add up
         layer = DynamicInt8Linear.from_linear(lin)
         x = torch.rand(64, 384)
-        print(json.dumps({k: kernels.exactness(k, layer, x) for k in ("fbgemm-u8", "fbgemm-u7", "fp32")}))
+        out = {k: kernels.exactness(k, layer, x) for k in ("fbgemm-u8", "fbgemm-u7", "fp32")}
+        # a static layer (calibrated range [0, 1]) on its own grid: oneDNN's AVX2 kernel saturates too
+        from quantization.affine import compute_qparams
+        from quantization.layers import StaticInt8Linear, static_act_scheme
+        qp = compute_qparams(torch.tensor(0.0), torch.tensor(1.0), static_act_scheme(False))
+        static = StaticInt8Linear.from_linear(lin, qp)
+        out.update({"static/" + k: kernels.exactness(k, static, x) for k in kernels.KERNELS})
+        print(json.dumps(out))
     """
     errors = run_python(code, AVX2)
     assert errors["fbgemm-u8"] > 1e-3, errors           # saturation: caught
     assert errors["fbgemm-u7"] <= kernels.EXACT_TOLERANCE and errors["fp32"] == 0.0
+    assert errors["static/onednn"] > 1e-3 and errors["static/fbgemm-u8"] > 1e-3, errors
+    assert errors["static/fbgemm-u7"] <= kernels.EXACT_TOLERANCE and errors["static/fp32"] == 0.0
 
 
 def test_kernels_are_chosen_by_measurement_checked_and_kept_per_cpu_profile(minilm, tmp_path):
@@ -226,7 +235,8 @@ def test_every_int8_strategy_meets_its_bound_or_is_refused_under_avx2_emulation(
             quantize=lambda s, p: quantize_model(tm, s, p),
             tune=lambda m: tuning.choose_kernels(m, lambda mm: tm.run(mm, src[:8])))
         out["pt-en/auto"] = {"why": record["why"], "candidates": record["candidates"],
-                             "kernels": tuning.summary({"layers": {n: {"row": l.row_kernel, "batch": l.batch_kernel}
+                             "kernels": tuning.summary({"layers": {n: {"row": l.row_kernel, "few": l.few_kernel,
+                                                                          "batch": l.batch_kernel}
                                         for n, l in tuning.int8_layers(winner.module).items()},
                                         "candidates": [], "shapes": [], "compiled": False, "profile_key": "",
                                         "seconds": 0})["kernel"] if tuning.int8_layers(winner.module) else None}
