@@ -40,13 +40,14 @@ def greedy(model: TinyTransformer, input_ids: torch.Tensor, attention_mask: torc
     """``allowed``: boolean [B, vocab] (all True without a shortlist). Token ids without EOS."""
     state = model.encode(input_ids, attention_mask)
     vocab, mask = _candidates(allowed, unk_id)
+    output = model.output_layer(vocab)
     batch = input_ids.shape[0]
     out: list[list[int]] = [[] for _ in range(batch)]
     rows = torch.arange(batch)  # which sentence each live row is
     previous = None
     limit = torch.tensor(limits)
     for t in range(max(limits)):
-        scores = model.logits(model.step(previous, state), vocab) + mask[rows]
+        scores = model.logits(model.step(previous, state), layer=output) + mask[rows]
         words = vocab[scores.argmax(-1)]
         done = (words == eos_id) | (limit[rows] <= t + 1)
         for r, w in zip(rows.tolist(), words.tolist()):
@@ -71,6 +72,7 @@ def beam_search(model: TinyTransformer, input_ids: torch.Tensor, attention_mask:
         return greedy(model, input_ids, attention_mask, allowed, limits, eos_id, unk_id)
     batch = input_ids.shape[0]
     vocab, mask = _candidates(allowed, unk_id)
+    output = model.output_layer(vocab)
     base = model.encode(input_ids, attention_mask)
     # live hypotheses: (sentence, tokens, log-prob) with one state row each
     hyps: list[tuple[int, list[int], float]] = [(b, [], 0.0) for b in range(batch)]
@@ -78,7 +80,7 @@ def beam_search(model: TinyTransformer, input_ids: torch.Tensor, attention_mask:
     finished: list[list[tuple[float, list[int]]]] = [[] for _ in range(batch)]
     previous = None
     for t in range(max(limits)):
-        logp = (model.logits(model.step(previous, state), vocab) + mask[[h[0] for h in hyps]]).log_softmax(-1)
+        logp = (model.logits(model.step(previous, state), layer=output) + mask[[h[0] for h in hyps]]).log_softmax(-1)
         logp = logp.nan_to_num(nan=NEG_INF)
         totals = logp + torch.tensor([h[2] for h in hyps])[:, None]
         next_hyps, next_rows, next_words = [], [], []

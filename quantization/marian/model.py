@@ -173,11 +173,17 @@ class TinyTransformer(nn.Module):
         state.position += 1
         return x[:, 0]
 
-    def logits(self, hidden: torch.Tensor, vocab: torch.Tensor | None = None) -> torch.Tensor:
-        """Output layer over all words, or only over ``vocab`` (sorted ids, e.g. a shortlist)."""
+    def output_layer(self, vocab: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """(weight, bias) of the output layer over all words, or only over ``vocab`` (sorted ids, e.g. a
+        shortlist): gathered once per decoding, not at every step (a 1,000-word shortlist is 1 MB to copy)."""
         if vocab is None:
-            return F.linear(hidden, self.embedding.weight, self.output_bias)
-        return F.linear(hidden, self.embedding.weight[vocab], self.output_bias[vocab])
+            return self.embedding.weight, self.output_bias
+        return self.embedding.weight[vocab], self.output_bias[vocab]
+
+    def logits(self, hidden: torch.Tensor, vocab: torch.Tensor | None = None,
+               layer: tuple[torch.Tensor, torch.Tensor] | None = None) -> torch.Tensor:
+        """Output layer over all words, over ``vocab``, or through ``layer`` (from :meth:`output_layer`)."""
+        return F.linear(hidden, *(layer if layer is not None else self.output_layer(vocab)))
 
     @staticmethod
     def check_config(text: str | None) -> dict:
