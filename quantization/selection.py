@@ -6,7 +6,7 @@ inputs. :func:`auto_select` tries each candidate (a strategy and its parameters)
 quantizes it, chooses its kernels for this CPU, measures its fidelity on a probe set against the FP32
 model, and times it against the FP32 model at one input and at a full batch, in alternating rounds
 (:func:`relative_speed`). The winner is the fastest candidate within the bound that is not slower than
-FP32; with none such, the fastest within the bound; with none within it, the most faithful (which a
+FP32 (among those within ``AS_FAST`` of the fastest, timing noise apart, the most faithful); with none such, the fastest within the bound; with none within it, the most faithful (which a
 serving gate will then refuse). The record lists every candidate with its speed and fidelity, and says
 why the winner won.
 """
@@ -24,6 +24,7 @@ from .strategies import QuantizedModel
 
 ROUNDS = 3  # alternating rounds of timing; the median of each side is compared
 SLOWER_THAN = 1.1  # above this multiple of FP32's time a candidate counts as slower (timing noise stays below)
+AS_FAST = 1.1  # candidates within this multiple of the fastest one's time count as equally fast: fidelity decides
 
 
 def relative_speed(run: Callable[[Any, list[Any]], Any], module: Any, baseline: Any, items: list[Any],
@@ -101,8 +102,13 @@ def auto_select(tm: TaskModel, candidates: list[tuple[str, dict[str, Any]]], *, 
 
     good = [i for i in faithful if not trials[i]["slower"]]
     if good:
-        win = min(good, key=batch_time)
-        why = (f"the fastest of {len(good)} candidate(s) within the fidelity bound and not slower than FP32 "
+        fastest = min(batch_time(i)[0] for i in good)
+        # speed differences within timing noise do not outweigh fidelity
+        near = [i for i in good if batch_time(i)[0] <= fastest * AS_FAST]
+        win = max(near, key=lambda i: (ranking_score(tm.task, trials[i]["fidelity"]), -batch_time(i)[0]))
+        which = "the fastest" if len(near) == 1 else \
+            f"the most faithful of the {len(near)} within {AS_FAST:.2f}x the fastest's time"
+        why = (f"{which} of {len(good)} candidate(s) within the fidelity bound and not slower than FP32 "
                f"({trials[win]['speed'][batch_key]['time_x']:.2f}x FP32's time at {batch_key.replace('_', ' ')}, "
                f"{trials[win]['speed']['batch_1']['time_x']:.2f}x at batch 1)")
     elif faithful:
@@ -118,4 +124,4 @@ def auto_select(tm: TaskModel, candidates: list[tuple[str, dict[str, Any]]], *, 
                         "bound": bound}
 
 
-__all__ = ["auto_select", "relative_speed", "SLOWER_THAN", "ROUNDS"]
+__all__ = ["auto_select", "relative_speed", "SLOWER_THAN", "AS_FAST", "ROUNDS"]
