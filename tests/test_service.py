@@ -108,9 +108,12 @@ def test_models_endpoint_shows_variants_with_sizes_fidelity_and_live_latency(ser
     httpx.post(f"{base}/v1/embed", json={"inputs": ["warm"]})
     body = httpx.get(f"{base}/v1/models/minilm").json()
     v = {x["name"]: x for x in body["variants"]}
-    assert v["int8"]["strategy"] == "dynamic-int8" and v["fp32"]["strategy"] == "fp32"
+    # int8 is strategy: auto, so which int8 strategy it is was measured on this CPU
+    winner = next(c for c in v["int8"]["auto"]["candidates"] if c.get("chosen"))
+    assert v["int8"]["strategy"] == winner["strategy"] and v["fp32"]["strategy"] == "fp32"
+    assert winner["strategy"] in ("dynamic-int8", "static-int8", "weight-only-int8")
     assert v["int8"]["weight_bytes"] < v["fp32"]["weight_bytes"]
-    assert v["int8"]["startup_fidelity"]["mean_cosine"] > 0.998  # the probe set leads with hard sentences
+    assert v["int8"]["startup_fidelity"]["mean_cosine"] > 0.995  # the bound; the probe leads with hard sentences
     assert v["int8"]["requests"] >= 1 and v["int8"]["latency_seconds"]["p50"] > 0
     assert {m["name"] for m in httpx.get(f"{base}/v1/models").json()["models"]} == {"minilm", "intent", "en-pt", "pt-en"}
 
