@@ -6,8 +6,9 @@ inputs. :func:`auto_select` tries each candidate (a strategy and its parameters)
 quantizes it, chooses its kernels for this CPU, measures its fidelity on a probe set against the FP32
 model, and times it against the FP32 model at one input and at a full batch, in alternating rounds
 (:func:`relative_speed`). The winner is the fastest candidate within the bound that is not slower than
-FP32 (among those within ``AS_FAST`` of the fastest, timing noise apart, the most faithful); with none such, the fastest within the bound; with none within it, the most faithful (which a
-serving gate will then refuse). The record lists every candidate with its speed and fidelity, and says
+FP32 (among those within ``AS_FAST`` of the fastest, timing noise apart, the most faithful); with none
+such, the fastest within the bound; with none within it, the most faithful (which a serving gate will
+then refuse). The record lists every candidate with its speed and fidelity, and says
 why the winner won.
 """
 

@@ -3,8 +3,8 @@
 :func:`choose_kernels` runs one representative forward (the caller's ``probe``), keeps each layer's
 real input, and then, for every distinct layer shape, times every candidate kernel
 (:mod:`quantization.kernels`) on one row, on a few rows (a decoding step of a small batch) and on the
-whole batch. Each layer then takes, separately for each of these sizes, the fastest candidate that is *exact*: its integer product equals int64
-arithmetic on the layer's real activations and on an adversarial row (:func:`kernels.exactness`), so a
+whole batch. Each layer then takes, separately for each of these sizes, the fastest candidate that is
+*exact*: its integer product equals int64 arithmetic on the layer's real activations and on an adversarial row (:func:`kernels.exactness`), so a
 kernel that saturates on this CPU is never served. FP32 (the dequantized weights) is the floor that is
 always exact.
 

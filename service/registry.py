@@ -340,8 +340,8 @@ class Registry:
 
     def _choose_kernels(self, served: ServedModel, vc: VariantConfig, module: Any, probe_items: list[Any],
                         directory: Path | None, tuned: dict[str, Any] | None = None) -> dict[str, Any] | None:
-        """Each dynamic int8 layer's kernel on this CPU: ``tuned`` (chosen moments ago, by auto), the saved choice
-        for this CPU profile, or measured now."""
+        """Each int8 GEMM layer's kernels on this CPU (dynamic or static): ``tuned`` (chosen moments ago, by auto),
+        the saved choice for this CPU profile, or measured now."""
         if not tuning.int8_layers(module):
             return None
         record = tuned
