@@ -167,7 +167,6 @@ class Registry:
         self.cpu = cpu.refresh()
         self.metrics.declare_cpu(self.cpu)
         self._say(f"event=cpu_profile cpu={self.cpu.summary()!r} key={self.cpu.key}")
-        probes = probe_texts("en", self.settings.probe_texts)  # hard sentences first, then ordinary ones
         if self.settings.artifacts_dir and any(v.compile for m in self.settings.models for v in m.variants):
             use_cache_dir(Path(self.settings.artifacts_dir) / "compile-cache")
         for name in self.settings.absent_optional_models:
@@ -178,7 +177,8 @@ class Registry:
             adapter_cls = TranslationAdapter if mc.task == "translate" else TaskAdapter
             served = ServedModel(mc, tm, adapter_cls(tm, mc.max_input_tokens), Router(mc))
             # a model that reads another language brings its own probe sentences
-            probe_items = served.adapter.tokenize((tm.probes or probes)[: self.settings.probe_texts])
+            n = self.settings.probe_count(mc.task)  # hard sentences first, then ordinary ones
+            probe_items = served.adapter.tokenize((tm.probes or probe_texts("en", n))[:n])
             reference = served.adapter.run(tm.module, probe_items)
             for vc in mc.variants:
                 try:

@@ -33,6 +33,9 @@ def test_the_default_config_serves_minilm_and_intent_as_fp32_and_int8_and_transl
         assert [(v.name, v.strategy) for v in m.variants] == [("fp32", "fp32"), ("int8", "auto"), *extra]
         # the int8 routes of embed and classify run compiled; FP32 stays eager as the baseline
         assert [v.compile for v in m.variants] == ([False, True] if m.task != "translate" else [False] * 3)
+    # an identical share over discrete translations is measured on more probe sentences than a cosine
+    assert [s.probe_count(t) for t in ("embed", "classify", "translate")] == [64, 64, 200]
+    assert load_settings(probe_texts=16).probe_count("translate") == 16
 
 
 @pytest.mark.parametrize("yaml_text, needle", [
