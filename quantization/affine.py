@@ -201,11 +201,6 @@ def fake_quantize(x: torch.Tensor, qp: QParams) -> torch.Tensor:
     return dequantize(quantize(x, qp), qp)
 
 
-def quantize_tensor(x: torch.Tensor, scheme: QScheme) -> tuple[torch.Tensor, QParams]:
-    qp = choose_qparams(x, scheme)
-    return quantize(x, qp), qp
-
-
 # ---------------------------------------------------------------------------------------------
 # Error measures
 # ---------------------------------------------------------------------------------------------

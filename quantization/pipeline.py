@@ -81,10 +81,3 @@ def quantize_model(tm: TaskModel, strategy: str, params: dict[str, Any] | Strate
             return primary_score(tm.task, metrics), ranking_score(tm.task, metrics)
 
     return quantize(tm.module, strategy, p, calibration=batches, evaluate=evaluate, progress=progress)
-
-
-def measure_fidelity(tm: TaskModel, variant: Any, texts: list[str] | None = None,
-                     reference: Any = None) -> dict[str, float]:
-    texts = eval_texts() if texts is None else texts
-    reference = tm.run(None, texts) if reference is None else reference
-    return fidelity(tm.task, reference, tm.run(variant, texts))

@@ -152,11 +152,3 @@ def convert_qat(qat: nn.Module, kept: frozenset[str] = frozenset()) -> nn.Module
     for name, layer in fake_quant_layers(qat).items():
         set_submodule(out, name, layer.to_float() if name in kept else layer.to_int8())
     return out.eval()
-
-
-def strip_fake_quant(qat: nn.Module) -> nn.Module:
-    """The QAT-trained model in plain FP32 (what the weights are before rounding)."""
-    out = share_copy(qat)
-    for name, layer in fake_quant_layers(qat).items():
-        set_submodule(out, name, layer.to_float())
-    return out.eval()
