@@ -33,7 +33,8 @@ class EmbedAPI(ls.LitAPI):
     def setup(self, device) -> None:
         from quantization.compiled import Settled, compile_module, warm_up
         from quantization.models import load_task_model
-        from quantization.pipeline import eval_texts, quantize_model
+        from quantization.texts import eval_texts
+        from quantization.pipeline import quantize_model
 
         torch.set_num_threads(self.threads)
         self.tm = load_task_model("minilm")

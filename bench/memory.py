@@ -28,7 +28,7 @@ import yaml  # noqa: E402
 
 from bench.results import machine_summary, publish  # noqa: E402
 from bench.live import ServiceProcess  # noqa: E402
-from quantization.pipeline import eval_texts  # noqa: E402
+from quantization.texts import eval_texts  # noqa: E402
 
 K8S = ROOT / "deploy" / "k8s"
 CONFIGS = {

@@ -4,7 +4,7 @@
     .venv/bin/python bench/serving.py --quick    # shorter runs, prints only
 
 Starts ``python -m service`` (default config) on a free port, and C = 1, 8, 32 clients (bench/loadgen.py)
-each send one-sentence requests back to back (``quantization.pipeline.eval_texts()`` in rotation)
+each send one-sentence requests back to back (``quantization.texts.eval_texts()`` in rotation)
 for a fixed time after a warm-up, per model and pinned variant. The same variants are built in
 this process and timed directly (``adapter.run``), before and after the HTTP runs, as baselines:
 one sentence per call (for HTTP overhead at C=1) and batches of 32 (for batching efficiency at C=32).
@@ -32,7 +32,7 @@ import httpx  # noqa: E402
 from bench import loadgen  # noqa: E402
 from bench.live import ServiceProcess, free_port, poll_until_ok, stop  # noqa: E402
 from bench.results import machine_summary, publish  # noqa: E402
-from quantization.pipeline import eval_texts  # noqa: E402
+from quantization.texts import eval_texts  # noqa: E402
 from service.app import create_app  # noqa: E402
 from service.config import BatchingConfig, load_settings  # noqa: E402
 

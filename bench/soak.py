@@ -29,7 +29,7 @@ import psutil  # noqa: E402
 
 from bench.live import ServiceProcess  # noqa: E402
 from bench.results import machine_summary, write_section  # noqa: E402
-from quantization.pipeline import eval_texts  # noqa: E402
+from quantization.texts import eval_texts  # noqa: E402
 
 ROUTES = [("minilm", "/v1/embed"), ("intent", "/v1/classify")]
 VARIANTS = [None, "fp32"]  # None: the model's default (int8 in the default config)

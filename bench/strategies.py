@@ -45,7 +45,8 @@ from quantization import tuning  # noqa: E402
 from quantization.fidelity import fidelity  # noqa: E402
 from quantization.tuning import choose_kernels  # noqa: E402
 from quantization.models import load_task_model  # noqa: E402
-from quantization.pipeline import eval_texts, quantize_model  # noqa: E402
+from quantization.texts import eval_texts  # noqa: E402
+from quantization.pipeline import quantize_model  # noqa: E402
 from quantization.report import build_report, fidelity_cells, serialized_bytes  # noqa: E402
 
 STRATEGIES = ["fp32", "bf16", "fp16", "dynamic-int8", "static-int8", "onnx-int8", "weight-only-int8",

@@ -42,7 +42,8 @@ sys.path.insert(0, str(ROOT))
 from bench.results import machine_summary, write_section  # noqa: E402
 from quantization.fidelity import fidelity  # noqa: E402
 from quantization.models import load_task_model  # noqa: E402
-from quantization.pipeline import hard_texts, quantize_model, translation_texts  # noqa: E402
+from quantization.texts import hard_texts, translation_texts  # noqa: E402
+from quantization.pipeline import quantize_model  # noqa: E402
 from quantization.tuning import choose_kernels  # noqa: E402
 
 DIRECTIONS = {"en-pt": ("bergamot-en-pt", "en"), "pt-en": ("bergamot-pt-en", "pt")}

@@ -27,7 +27,7 @@ import torch
 from . import __version__
 from .errors import ArtifactError
 from .layers import QuantizedLinear
-from .models import TaskModel
+from .task_model import TaskModel
 from .strategies import QuantizedModel, get_strategy, parse_params
 from .strategies.base import set_submodule, share_copy
 

@@ -88,7 +88,8 @@ def cmd_strategies(args: argparse.Namespace) -> int:
 
 def cmd_quantize(args: argparse.Namespace) -> int:
     from .artifacts import save_artifact
-    from .pipeline import calibration_texts, quantize_model
+    from .texts import calibration_texts
+    from .pipeline import quantize_model
 
     tm = _load(args)
     params = _params(args.param, args.keep, args.auto_target)
@@ -104,7 +105,8 @@ def cmd_report(args: argparse.Namespace) -> int:
     from tqdm import tqdm
 
     from .artifacts import load_artifact
-    from .pipeline import calibration_texts, eval_texts, quantize_model
+    from .texts import calibration_texts, eval_texts
+    from .pipeline import quantize_model
     from .report import build_report, format_layer_table, format_summary_table
 
     tm = _load(args)

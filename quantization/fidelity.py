@@ -45,6 +45,13 @@ def seq2seq_fidelity(reference: list[str], output: list[str]) -> dict[str, float
             "degenerate": bad / max(len(reference), 1), "n": len(reference)}
 
 
+def sentence_chrf(reference: str, output: str) -> float:
+    """One translation's chrF against its reference, in [0, 1] (per-input agreement, e.g. for shadow traffic)."""
+    import sacrebleu
+
+    return sacrebleu.sentence_chrf(output, [reference]).score / 100.0
+
+
 def _longest_repeat(items: list[str], longest_unit: int = 3) -> int:
     """How many times in a row the most repeated run of 1..longest_unit items occurs."""
     best = 1

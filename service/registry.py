@@ -24,8 +24,10 @@ from quantization import cpu, tuning
 from quantization.artifacts import load_artifact, load_beside, read_manifest, save_artifact, save_beside
 from quantization.compiled import Settled, compile_module, compiler_problem, is_compiled, use_cache_dir, warm_up
 from quantization.errors import ArtifactError, QuantizationError
-from quantization.models import TaskModel, load_task_model
-from quantization.pipeline import probe_texts, quantize_model
+from quantization.models import load_task_model
+from quantization.task_model import TaskModel
+from quantization.texts import probe_texts
+from quantization.pipeline import quantize_model
 from quantization.report import serialized_bytes
 from quantization.selection import ROUNDS, auto_select, relative_speed
 

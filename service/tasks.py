@@ -14,8 +14,8 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from quantization.fidelity import fidelity
-from quantization.models import TaskModel
+from quantization.fidelity import fidelity, sentence_chrf
+from quantization.task_model import TaskModel
 
 from .errors import InvalidInput
 
@@ -126,8 +126,6 @@ class TaskAdapter:
     @staticmethod
     def per_input_agreement(task: str, reference: Any, output: Any) -> float:
         if task == "translate":
-            from .translation import sentence_chrf
-
             return sentence_chrf(reference.text, output.text)
         if task == "classify":
             return float(reference.argmax() == output.argmax())

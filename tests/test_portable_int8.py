@@ -15,7 +15,8 @@ import torch
 
 from bench.live import ROOT
 from quantization import cpu, kernels, tuning
-from quantization.pipeline import eval_texts, quantize_model
+from quantization.texts import eval_texts
+from quantization.pipeline import quantize_model
 
 AVX2 = {**os.environ, "QUANTSERVE_CPU_ISA": "avx2"}
 
@@ -205,7 +206,8 @@ def test_every_int8_strategy_meets_its_bound_or_is_refused_under_avx2_emulation(
         from quantization import tuning
         from quantization.fidelity import bound_problems, fidelity
         from quantization.models import load_task_model
-        from quantization.pipeline import eval_texts, probe_texts, quantize_model
+        from quantization.texts import eval_texts, probe_texts
+        from quantization.pipeline import quantize_model
         from quantization.selection import auto_select
         from service.config import AUTO_CANDIDATES, FIDELITY_BOUNDS
         out = {"profile": cpu.profile().describe()}
@@ -269,7 +271,8 @@ def test_half_precision_without_native_kernels_stores_half_and_computes_in_fp32(
         from quantization import cpu
         cpu.emulate()
         from quantization.models import load_task_model
-        from quantization.pipeline import eval_texts, quantize_model
+        from quantization.texts import eval_texts
+        from quantization.pipeline import quantize_model
         from quantization.fidelity import fidelity
         from quantization.strategies.floating import HalfStoredLinear
         tm = load_task_model("minilm", "embed")

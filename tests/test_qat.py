@@ -14,7 +14,8 @@ from quantization.artifacts import load_artifact, save_artifact
 from quantization.datasets import movie_reviews
 from quantization.finetune import TrainConfig, new_sentiment_model, predict, train_classifier
 from quantization.layers import StaticInt8Linear, static_act_scheme, weight_scheme
-from quantization.pipeline import eval_texts, quantize_model
+from quantization.texts import eval_texts
+from quantization.pipeline import quantize_model
 from quantization.qat import FakeQuantLinear, convert_qat, fake_quantize_ste, prepare_qat_from_static
 
 

@@ -12,7 +12,8 @@ import torch
 
 from quantization.fidelity import fidelity
 from quantization.models import load_task_model
-from quantization.pipeline import eval_texts, quantize_model
+from quantization.texts import eval_texts
+from quantization.pipeline import quantize_model
 from quantization.report import build_report
 
 

@@ -14,7 +14,7 @@ import torch.nn.functional as F
 from prometheus_client.parser import text_string_to_metric_families
 
 from bench.live import thread_server
-from quantization.pipeline import eval_texts
+from quantization.texts import eval_texts
 from service.app import create_app
 from service.config import FIDELITY_BOUNDS, load_settings
 

@@ -13,7 +13,7 @@ import torch.nn.functional as F
 
 from bench.live import ServiceProcess
 from quantization.models import load_task_model
-from quantization.pipeline import eval_texts
+from quantization.texts import eval_texts
 
 GRACE_S = 30
 

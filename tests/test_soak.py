@@ -8,7 +8,7 @@ import pytest
 
 from bench.live import ServiceProcess
 from bench.soak import soak
-from quantization.pipeline import eval_texts
+from quantization.texts import eval_texts
 
 RSS_GROWTH_BOUND = 128 * 2**20  # allocator pools settle over the first thousands of requests (bench/soak.py)
 

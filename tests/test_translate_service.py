@@ -10,10 +10,10 @@ import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
 from bench.live import thread_server
-from quantization.pipeline import translation_texts
+from quantization.fidelity import sentence_chrf
+from quantization.texts import translation_texts
 from service.app import create_app
 from service.config import load_settings
-from service.translation import sentence_chrf
 
 
 

@@ -21,7 +21,7 @@ from quantization.errors import CalibrationError, InvalidConfigError
 from quantization.fidelity import fidelity
 from quantization.layers import QuantizedLinear
 from quantization.layers_lowbit import SharedWeightLinear, WeightOnlyLinear, kmeans_1d, weight_only_scheme
-from quantization.models import TaskModel
+from quantization.task_model import TaskModel
 from quantization.observers import make_observer
 from quantization.pipeline import quantize_model
 from quantization.strategies import QuantizedModel, quantize

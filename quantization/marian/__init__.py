@@ -12,6 +12,8 @@ import importlib.util
 from pathlib import Path
 
 from ..errors import ModelLoadError
+from ..task_model import TaskModel, hash_files
+from ..texts import calibration_texts_for, probe_texts
 from .binary import read_marian_binary
 from .model import TinyTransformer
 from .shortlist import Shortlist
@@ -65,9 +67,7 @@ def decoder_options(config: Path | None) -> dict[str, float | int]:
 
 
 def load_marian(source: str, name: str | None = None, shortlist: bool = True):
-    """A seq2seq :class:`~quantization.models.TaskModel` whose module is a :class:`MarianGenerator`."""
-    from ..models import TaskModel, hash_files
-
+    """A seq2seq :class:`~quantization.task_model.TaskModel` whose module is a :class:`MarianGenerator`."""
     files = marian_files(source)
     tokenizer = SentencePieceTokenizer(files["vocab"])
     model = TinyTransformer.from_marian(read_marian_binary(files["model"]))
@@ -80,7 +80,6 @@ def load_marian(source: str, name: str | None = None, shortlist: bool = True):
     pair = BERGAMOT[source][0] if source in BERGAMOT else None
     info = {"architecture": "Marian transformer (Bergamot tiny): 6-layer encoder, 2-layer SSRU decoder",
             "languages": pair, "shortlist": lex is not None, "model_file": str(files["model"])}
-    from ..pipeline import calibration_texts_for, probe_texts
 
     source_lang = pair.split("-")[0] if pair else None
     # decoding is the costly part of calibration; 48 sentences are enough for activation statistics

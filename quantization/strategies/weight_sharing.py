@@ -21,8 +21,7 @@ from pydantic import Field
 from torch import nn
 
 from ..layers_lowbit import SharedWeightLinear
-from . import register
-from .base import LayerwiseStrategy, StrategyParams
+from .base import LayerwiseStrategy, StrategyParams, register
 
 
 class WeightSharingParams(StrategyParams):
