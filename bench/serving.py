@@ -249,7 +249,7 @@ def render(result: dict[str, Any]) -> str:
     cpu = max(r["client_cpu_share"] for r in result["rows"])
     lines += ["", "Mean batch and mean queue ms (time a request waited for its batch's model call to start) come "
               f"from the service's /metrics; the load generator itself used up to {100 * cpu:.0f}% of one core, "
-              f"taken from the same {result['machine'].split(', ')[1]} as the service."]
+              f"taken from the same {os.cpu_count()} cores as the service."]
     return "\n".join(lines)
 
 
