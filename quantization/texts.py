@@ -34,12 +34,13 @@ def hard_texts(language: str = "en") -> list[str]:
     return list(_data_file(f"hard_{language}.txt"))
 
 
-def probe_texts(language: str = "en", n: int = 64) -> list[str]:
+def probe_texts(language: str = "en", n: int | None = 64) -> list[str]:
     """The start-up probe set: the hard sentences first, then ordinary ones (evaluation, or translation texts in
-    ``language``), ``n`` in all; what a variant's fidelity bound is checked on."""
+    ``language``), ``n`` in all (at most half of them hard); what a variant's fidelity bound is checked on.
+    ``n=None``: every hard sentence, then every ordinary one (the pool a caller takes its own count from)."""
     ordinary = eval_texts() if language == "en" else translation_texts(language)
     hard = hard_texts(language) if language in ("en", "pt") else []
-    return (hard[: n // 2] + ordinary)[:n]
+    return hard + ordinary if n is None else (hard[: n // 2] + ordinary)[:n]
 
 
 def calibration_texts_for(language: str | None) -> list[str]:

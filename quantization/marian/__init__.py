@@ -84,6 +84,7 @@ def load_marian(source: str, name: str | None = None, shortlist: bool = True):
     source_lang = pair.split("-")[0] if pair else None
     # decoding is the costly part of calibration; 48 sentences are enough for activation statistics
     calibration = calibration_texts_for(source_lang)[:48]
-    probes = probe_texts(source_lang, 200) if source_lang in ("en", "pt") else None
+    # the whole pool: how many of them measure fidelity is the caller's choice (it slices hard ones first)
+    probes = probe_texts(source_lang, None) if source_lang in ("en", "pt") else None
     return TaskModel(name or (source if source in BERGAMOT else files["dir"].name), "seq2seq", module, tokenizer,
                      str(files["dir"]), hash_files(hashed), info=info, calibration=calibration, probes=probes)
