@@ -76,15 +76,16 @@ def stop(proc: subprocess.Popen, timeout: float = 20.0) -> int:
 
 
 class ServiceProcess:
-    """``python -m service`` on a free port; its combined output goes to ``log``."""
+    """``python -m service`` (of the checkout at ``cwd``) on a free port; its combined output goes to ``log``."""
 
-    def __init__(self, *args: str, env: dict[str, str] | None = None, log: Path | None = None) -> None:
+    def __init__(self, *args: str, env: dict[str, str] | None = None, log: Path | None = None,
+                 cwd: Path = ROOT) -> None:
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         self.log = log or Path(tempfile.mkstemp(prefix="quantserve-", suffix=".log")[1])
         with self.log.open("w") as fh:
             self.proc = subprocess.Popen([sys.executable, "-m", "service", "--host", "127.0.0.1", "--port",
-                                          str(self.port), *args], cwd=ROOT, stdout=fh, stderr=subprocess.STDOUT,
+                                          str(self.port), *args], cwd=cwd, stdout=fh, stderr=subprocess.STDOUT,
                                          env={**os.environ, **(env or {})})
 
     def wait_ready(self, timeout: float = 900.0) -> float:

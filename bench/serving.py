@@ -6,7 +6,7 @@
 Starts ``python -m service`` (default config) on a free port, and C = 1, 8, 32 clients (bench/loadgen.py)
 each send one-sentence requests back to back (``quantization.texts.eval_texts()`` in rotation)
 for a fixed time after a warm-up, per model and pinned variant. The same variants are built in
-this process and timed directly (``adapter.run``), before and after the HTTP runs, as baselines:
+this process and timed directly (``Task.run``), before and after the HTTP runs, as baselines:
 one sentence per call (for HTTP overhead at C=1) and batches of 32 (for batching efficiency at C=32).
 
 The peer: LitServe serving the same MiniLM int8 variant (built by our library the same way; see
@@ -52,7 +52,7 @@ def in_process(registry: Any, texts: list[str], rounds: int) -> dict[tuple[str, 
     for _ in range(rounds):
         for model in MODELS:
             served = registry.models[model]
-            run, tok = served.adapter.run, served.adapter.tokenize
+            run, tok = served.task.run, served.task.tokenize
             for name in VARIANTS:
                 module = served.variants[name].module
                 s = out.setdefault((model, name), {"single_s": [], "batched_per_s": []})
@@ -215,7 +215,7 @@ def render(result: dict[str, Any]) -> str:
         f"one-sentence requests back to back for {result['seconds']:.0f} s after a {result['warmup']:.0f} s warm-up, "
         f"cycling through the {result['texts']} evaluation sentences; latency is per request at the client, "
         "requests/s equals sentences/s, and the baselines are the same variants called in-process "
-        "(`adapter.run`) in the same run: one sentence per call for the overhead at C=1, batches of 32 for "
+        "(`Task.run`) in the same run: one sentence per call for the overhead at C=1, batches of 32 for "
         "the throughput ratio at C=32.",
     ]
     for model, path in MODELS.items():

@@ -72,9 +72,9 @@ def bench_direction(pair: str, rounds: int, n1: int, n16: int) -> dict:
         variants[name], build_s[name] = qm.module, qm.seconds
     outputs = {name: tm.run(m, texts, batch_size=16) for name, m in variants.items()}
     hard_out = {name: tm.run(m, hard, batch_size=16) for name, m in variants.items()}
-    fid = {name: {"vs_fp32": fidelity("seq2seq", outputs["fp32"], out),
-                  "vs_native": fidelity("seq2seq", outputs["native"], out),
-                  "hard_vs_fp32": fidelity("seq2seq", hard_out["fp32"], hard_out[name])}
+    fid = {name: {"vs_fp32": fidelity("translate", outputs["fp32"], out),
+                  "vs_native": fidelity("translate", outputs["native"], out),
+                  "hard_vs_fp32": fidelity("translate", hard_out["fp32"], hard_out[name])}
            for name, out in outputs.items()}
     speed: dict[str, dict[str, list[float]]] = {n: {"b1": [], "b16": []} for n in variants}
     tokens: dict[str, dict[str, int]] = {n: {} for n in variants}

@@ -28,6 +28,7 @@ from . import __version__
 from .errors import ArtifactError
 from .layers import QuantizedLinear
 from .task_model import TaskModel
+from .tasks import get_task
 from .strategies import QuantizedModel, get_strategy, parse_params
 from .strategies.base import set_submodule, share_copy
 
@@ -134,6 +135,14 @@ def read_manifest(directory: str | Path) -> dict[str, Any]:
     return manifest
 
 
+def _task_name(recorded: Any) -> str | None:
+    """The current name of the task an artifact records (older artifacts say seq2seq for translate)."""
+    try:
+        return get_task(str(recorded)).name
+    except KeyError:
+        return None
+
+
 def verify_artifact(directory: str | Path, tm: TaskModel | None = None) -> dict[str, Any]:
     """Check files, versions and (when ``tm`` is given) the source model; return the manifest."""
     directory = Path(directory)
@@ -152,7 +161,7 @@ def verify_artifact(directory: str | Path, tm: TaskModel | None = None) -> dict[
                             "re-run `python -m quantization quantize` with the installed versions")
     if tm is not None:
         src = manifest["source"]
-        if src.get("sha256") != tm.source_hash or src.get("task") != tm.task:
+        if src.get("sha256") != tm.source_hash or _task_name(src.get("task")) != tm.task:
             raise ArtifactError(
                 f"artifact {directory} was made from {src.get('name')!r} ({src.get('task')}, weights sha256 "
                 f"{str(src.get('sha256'))[:12]}…) but the model given is {tm.name!r} ({tm.task}, "

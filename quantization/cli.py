@@ -22,6 +22,7 @@ from typing import Any
 import yaml
 
 from .errors import QuantizationError
+from .tasks import get_task, task_names
 
 MODEL_HELP = ("model source: a built-in (minilm = all-MiniLM-L6-v2 embedder, intent = intent classifier, "
               "sentiment = the model `finetune` trains), "
@@ -209,12 +210,13 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="python -m quantization", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = parser.add_subparsers(dest="command", required=True)
+    task_choices = [n for t in map(get_task, task_names()) for n in (t.name, *t.aliases)]
 
     sub.add_parser("strategies", help="list every strategy with its parameters and defaults")
 
     def model_args(p: argparse.ArgumentParser) -> None:
         p.add_argument("--model", "-m", required=True, help=MODEL_HELP)
-        p.add_argument("--task", choices=["embed", "classify", "seq2seq"], help="task of a non-built-in model")
+        p.add_argument("--task", choices=task_choices, help="task of a non-built-in model")
 
     def strategy_args(p: argparse.ArgumentParser) -> None:
         p.add_argument("-p", "--param", action="append", default=[], metavar="KEY=VALUE",
@@ -244,7 +246,7 @@ def build_parser() -> argparse.ArgumentParser:
     i = sub.add_parser("inspect", help="show a saved artifact's manifest")
     i.add_argument("directory")
     i.add_argument("--verify", metavar="MODEL", help="also check files, versions and that MODEL is its source")
-    i.add_argument("--task", choices=["embed", "classify", "seq2seq"], help="task of a non-built-in --verify model")
+    i.add_argument("--task", choices=task_choices, help="task of a non-built-in --verify model")
     i.add_argument("--json", action="store_true", help="print the raw manifest")
     d = sub.add_parser("data", help="fetch and split the labelled movie-review snippets (vadersentiment sdist)")
     d.add_argument("--out", help="file to write (default: the packaged quantization/data/movie_reviews.tsv.gz)")

@@ -16,6 +16,22 @@ class UnknownStrategyError(InvalidConfigError, KeyError):
         return str(self.args[0]) if self.args else ""
 
 
+class UnknownTaskError(InvalidConfigError, KeyError):
+    """The task name is not in the registry."""
+
+    def __str__(self) -> str:
+        return str(self.args[0]) if self.args else ""
+
+
+class InputTooLong(QuantizationError, ValueError):
+    """Inputs longer than a model's token limit, where the caller asked for refusal rather than truncation."""
+
+    def __init__(self, indices: list[int], limit: int) -> None:
+        super().__init__(f"input {indices[0]} is longer than the model's limit of {limit} tokens")
+        self.indices = indices
+        self.limit = limit
+
+
 class NoQuantizableLayersError(QuantizationError):
     """The model has no layer the chosen strategy can quantize."""
 

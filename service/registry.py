@@ -26,6 +26,7 @@ from quantization.compiled import Settled, compile_module, compiler_problem, is_
 from quantization.errors import ArtifactError, QuantizationError
 from quantization.models import load_task_model
 from quantization.task_model import TaskModel
+from quantization.tasks import Task
 from quantization.texts import probe_texts
 from quantization.pipeline import quantize_model
 from quantization.report import serialized_bytes
@@ -33,15 +34,12 @@ from quantization.selection import ROUNDS, auto_select, relative_speed
 
 from .batching import BatchConfig, DynamicBatcher, ModelLane
 from . import gate
-from .config import AUTO, AUTO_CANDIDATES, ModelConfig, Settings, VariantConfig
+from .config import AUTO, ModelConfig, Settings, VariantConfig
 from .errors import UnknownModel
 from .metrics import Metrics
 from .routing import Router
-from .tasks import TaskAdapter
-from .translation import TranslationAdapter
 
 log = logging.getLogger("service.registry")
-LIBRARY_TASK = {"embed": "embed", "classify": "classify", "translate": "seq2seq"}
 LATENCY_WINDOW = 2048
 
 
@@ -117,13 +115,18 @@ class Variant:
 class ServedModel:
     config: ModelConfig
     task_model: TaskModel
-    adapter: TaskAdapter
+    task: Task  # the model's task, bound to it: encodes, runs and answers its requests
     router: Router
     variants: dict[str, Variant] = field(default_factory=dict)
 
     @property
     def name(self) -> str:
         return self.config.name
+
+    @property
+    def languages(self) -> str | None:
+        """``src-tgt`` where the task translates: the config's ``languages``, else the model's own."""
+        return self.config.languages or self.task_model.info.get("languages")
 
     def describe(self) -> dict[str, Any]:
         c = self.config
@@ -161,6 +164,10 @@ class Registry:
                                available=available)
         return model
 
+    def models_of(self, task: str) -> list[ServedModel]:
+        """The built models of ``task``, in config order."""
+        return [m for m in self.models.values() if m.config.task == task]
+
     # -- start-up ------------------------------------------------------------------------------
     def build(self) -> None:
         """Load, quantize and measure everything (blocking; run it on ``self.lane.executor``)."""
@@ -176,12 +183,11 @@ class Registry:
         for mc in self.settings.models:
             self._say(f"event=model_loading model={mc.name} task={mc.task} source={mc.source}")
             tm = self._load(mc)
-            adapter_cls = TranslationAdapter if mc.task == "translate" else TaskAdapter
-            served = ServedModel(mc, tm, adapter_cls(tm, mc.max_input_tokens), Router(mc))
+            served = ServedModel(mc, tm, mc.task_kind(tm, mc.max_input_tokens), Router(mc))
             # a model that reads another language brings its own probe sentences
             n = self.settings.probe_count(mc.task)  # hard sentences first, then ordinary ones
-            probe_items = served.adapter.tokenize((tm.probes or probe_texts("en", n))[:n])
-            reference = served.adapter.run(tm.module, probe_items)
+            probe_items = served.task.tokenize((tm.probes or probe_texts("en", n))[:n])
+            reference = served.task.run(tm.module, probe_items)
             for vc in mc.variants:
                 try:
                     served.variants[vc.name] = self._build_variant(served, vc, probe_items, reference)
@@ -221,10 +227,10 @@ class Registry:
 
     def _load(self, mc: ModelConfig) -> TaskModel:
         try:
-            tm = load_task_model(mc.source, LIBRARY_TASK[mc.task], name=mc.name)
+            tm = load_task_model(mc.source, mc.task, name=mc.name)
         except QuantizationError as exc:
             raise StartupError(f"model {mc.name!r}: {exc}") from None
-        if mc.task == "translate" and not (mc.languages or tm.info.get("languages")):
+        if mc.task_kind.needs_languages and not (mc.languages or tm.info.get("languages")):
             raise StartupError(f"model {mc.name!r}: the language pair of {mc.source!r} is not known; add "
                                f"`languages: <source>-<target>` (e.g. en-pt) to the model's config")
         tm.max_length = mc.max_input_tokens
@@ -279,10 +285,10 @@ class Registry:
             module, compile_seconds, problem = self._compile(served, vc, qm.module, probe_items)
             runtime = f"{qm.runtime}+inductor" if problem is None else runtime
         # warm-up and fidelity in one pass; the untouched FP32 module already produced the reference
-        outputs = reference if module is tm.module else served.adapter.run(module, probe_items)
+        outputs = reference if module is tm.module else served.task.run(module, probe_items)
         seconds = time.perf_counter() - start
         grown = max(0, psutil.Process().memory_info().rss - rss)
-        fid = served.adapter.agreement(reference, outputs)
+        fid = served.task.compare_outputs(reference, outputs)
         speed, degraded = self._gate(served, vc, module, probe_items, fid)
         variant = Variant(model=mc.name, task=mc.task, name=vc.name, config=vc, module=module, runtime=runtime,
                           quantization_seconds=seconds - compile_seconds, loaded_from_artifact=from_artifact,
@@ -316,16 +322,16 @@ class Registry:
             self._say(f"event=auto_reused model={mc.name} variant={vc.name} winner={record.get('winner')!r}")
             return win["strategy"], win.get("params") or {}, record, None, None
         candidates = [(c["strategy"], c.get("params", {})) for c in vc.params.get("candidates") or []] or \
-            AUTO_CANDIDATES[mc.task]
+            mc.task_kind.auto_candidates
         batch = probe_items[: self._batch()]
         tuned: dict[int, dict[str, Any]] = {}  # id(candidate module) -> its kernel choice, while it is alive
 
         def tune(module: Any) -> None:
-            tuned[id(module)] = tuning.choose_kernels(module, lambda m: served.adapter.run(m, batch))
+            tuned[id(module)] = tuning.choose_kernels(module, lambda m: served.task.run(m, batch))
 
         qm, record = auto_select(
-            tm, candidates, bound=mc.bound, run=served.adapter.run, items=probe_items, reference=reference,
-            agreement=served.adapter.agreement, batch=self._batch(), slower_than=self.settings.gate.slower_than,
+            tm, candidates, bound=mc.bound, run=served.task.run, items=probe_items, reference=reference,
+            agreement=served.task.compare_outputs, batch=self._batch(), slower_than=self.settings.gate.slower_than,
             quantize=lambda strategy, params: quantize_model(tm, strategy, params),
             tune=tune, batch_only=vc.compile)
         if qm is None:
@@ -351,7 +357,7 @@ class Registry:
             record = tuning.load_choice(directory, module, compiled=vc.compile)
         if record is None:
             batch = probe_items[: self._batch()]
-            record = tuning.choose_kernels(module, lambda m: served.adapter.run(m, batch), compiled=vc.compile)
+            record = tuning.choose_kernels(module, lambda m: served.task.run(m, batch), compiled=vc.compile)
         if directory is not None and record is not None and not record.get("from_cache"):
             tuning.save_choice(directory, record)
         summary = tuning.summary(record)
@@ -365,8 +371,8 @@ class Registry:
         mc = served.config
         if vc.strategy == "fp32" or mc.baseline is None:
             return None, None  # the baseline itself
-        rounds = 2 if mc.task == "translate" else ROUNDS
-        speed = relative_speed(served.adapter.run, module, served.task_model.module, probe_items, self._batch(),
+        rounds = mc.task_kind.timing_rounds or ROUNDS
+        speed = relative_speed(served.task.run, module, served.task_model.module, probe_items, self._batch(),
                                   rounds)
         reason = gate.judge(vc.name, mc.baseline, mc.bound, fid, speed, self.settings.gate, self.cpu)
         if reason is not None and self.settings.gate.action == "stop":
@@ -391,8 +397,8 @@ class Registry:
             self._say(f"event=compile_unavailable model={served.name} variant={vc.name} reason={problem!r}")
             return module, 0.0, problem
         start = time.perf_counter()
-        compiled = compile_module(module, probe=lambda m: served.adapter.run(m, probe_items[:2]))
-        warm_up(lambda items: served.adapter.run(compiled, items), probe_items)
+        compiled = compile_module(module, probe=lambda m: served.task.run(m, probe_items[:2]))
+        warm_up(lambda items: served.task.run(compiled, items), probe_items)
         return Settled(compiled), time.perf_counter() - start, None
 
     async def start_batchers(self) -> None:
@@ -401,7 +407,7 @@ class Registry:
                              max_batch_tokens=b.max_batch_tokens, max_queue=b.max_queue)
         for served in self.models.values():
             for v in served.variants.values():
-                v.batcher = DynamicBatcher(f"{served.name}/{v.name}", _runner(served.adapter, v.module), config,
+                v.batcher = DynamicBatcher(f"{served.name}/{v.name}", _runner(served.task, v.module), config,
                                            cost=len, on_batch=_observer(self.metrics, v), lane=self.lane)
                 await v.batcher.start()
         self.ready = True
@@ -424,8 +430,8 @@ def _full_params(strategy: str, params: dict[str, Any]) -> dict[str, Any]:
     return parse_params(cls, params).model_dump()
 
 
-def _runner(adapter: TaskAdapter, module: Any):
-    return lambda items: adapter.run(module, items)
+def _runner(task: Task, module: Any):
+    return lambda items: task.run(module, items)
 
 
 def _observer(metrics: Metrics, v: Variant):

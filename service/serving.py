@@ -9,14 +9,13 @@ import time
 from dataclasses import dataclass
 from typing import Any
 
-import torch
+from quantization.errors import InputTooLong
 
 from . import context, gate
 from .batching import BatcherClosed, BatchResult, QueueFull, Shed
 from .errors import (ClientGone, DeadlineExceeded, InferenceFailed, InvalidInput, NotReady, Overloaded,
                      ServiceError, ShuttingDown)
 from .registry import Registry, ServedModel, Variant
-from .tasks import SHADOW_METRIC, TaskAdapter
 
 log = logging.getLogger("service.serving")
 
@@ -25,7 +24,7 @@ log = logging.getLogger("service.serving")
 class Served:
     model: ServedModel
     variant: Variant
-    outputs: list[torch.Tensor]
+    outputs: list[Any]
     tokens: int
     truncated: list[int]
     batch: BatchResult
@@ -70,8 +69,8 @@ class Serving:
         status = "200"
         try:
             self.check_limits(texts, field)
-            encoded = served.adapter.encode(texts, truncation or self.registry.settings.limits.truncation, field,
-                                            **(options or {}))
+            encoded = self._encode(served, texts, truncation or self.registry.settings.limits.truncation, field,
+                                   options or {})
             batch = await self._submit(served, variant, encoded.items)
         except ServiceError as exc:
             status = str(exc.status)
@@ -90,6 +89,17 @@ class Serving:
             if target is not None:
                 self._spawn(self._shadow(served, variant, served.variants[target], items, batch.outputs))
         return result
+
+    @staticmethod
+    def _encode(served: ServedModel, texts: list[str], truncation: str, field: str, options: dict[str, Any]):
+        try:
+            return served.task.encode(texts, truncation, **options)
+        except InputTooLong as exc:
+            limit = exc.limit
+            raise InvalidInput(f"{field}.{exc.indices[0]}: longer than the model's limit of {limit} tokens; shorten "
+                               f"it or send \"truncation\": \"truncate\"",
+                               fields=[{"field": f"{field}.{i}", "message": f"over {limit} tokens"}
+                                       for i in exc.indices]) from None
 
     async def _submit(self, served: ServedModel, variant: Variant, items: list[list[int]]) -> BatchResult:
         """Wait for the batcher; a passed deadline or a gone client cancels the wait, which unqueues the items."""
@@ -141,14 +151,14 @@ class Serving:
         task.add_done_callback(self._shadow_tasks.discard)
 
     async def _shadow(self, served: ServedModel, variant: Variant, target: Variant, items: list[list[int]],
-                      outputs: list[torch.Tensor]) -> None:
+                      outputs: list[Any]) -> None:
         """Run the same inputs on ``target`` off the response path and record agreement.
 
         Agreement is stored on the quantized side of the pair: the variant that is not the baseline.
         """
-        task = served.config.task
+        task = served.task
         subject = target if variant.name == served.config.baseline else variant
-        labels = (served.name, task, subject.name)
+        labels = (served.name, task.name, subject.name)
         try:
             other = await target.batcher.submit(items, background=True)
         except Shed:  # served traffic kept the model busy: expected under load, counted, not logged
@@ -160,8 +170,8 @@ class Serving:
         ref, out = (outputs, other.outputs) if subject is target else (other.outputs, outputs)
         for r, o in zip(ref, out):
             subject.shadow["n"] += 1
-            subject.shadow["sum"] += TaskAdapter.per_input_agreement(task, r, o)
-        metric = SHADOW_METRIC[task]
+            subject.shadow["sum"] += task.agreement(r, o)
+        metric = task.agreement_metric
         mean = subject.shadow["sum"] / subject.shadow["n"]
         self.metrics.fidelity.labels(*labels, metric, "shadow").set(mean)
         self.metrics.shadow_comparisons.labels(*labels).inc(len(ref))
@@ -174,12 +184,3 @@ class Serving:
     async def drain_shadow(self) -> None:
         if self._shadow_tasks:
             await asyncio.gather(*list(self._shadow_tasks), return_exceptions=True)
-
-
-def as_results(adapter: TaskAdapter, outputs: list[torch.Tensor], *, normalize: bool = True,
-               top_k: int = 1) -> list[dict[str, Any]]:
-    if adapter.task == "classify":
-        return [{"index": i, "labels": adapter.labels(o, top_k)} for i, o in enumerate(outputs)]
-    if adapter.task == "translate":
-        return [adapter.result(i, o) for i, o in enumerate(outputs)]
-    return [{"index": i, "embedding": adapter.embedding(o, normalize)} for i, o in enumerate(outputs)]

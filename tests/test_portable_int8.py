@@ -209,7 +209,7 @@ def test_every_int8_strategy_meets_its_bound_or_is_refused_under_avx2_emulation(
         from quantization.texts import eval_texts, probe_texts
         from quantization.pipeline import quantize_model
         from quantization.selection import auto_select
-        from service.config import AUTO_CANDIDATES, FIDELITY_BOUNDS
+        from quantization.tasks import get_task
         out = {"profile": cpu.profile().describe()}
         texts = eval_texts()
         for source, task in (("minilm", "embed"), ("intent", "classify")):
@@ -221,19 +221,19 @@ def test_every_int8_strategy_meets_its_bound_or_is_refused_under_avx2_emulation(
                 fid = fidelity(task, ref, tm.run(qm.module, texts))
                 out[f"{source}/{strategy}"] = {"fidelity": fid, "kernels": tuning.summary(record)["kernel"]
                                                if record else None,
-                                               "problems": bound_problems(FIDELITY_BOUNDS[task], fid)}
+                                               "problems": bound_problems(get_task(task).default_bound, fid)}
                 if strategy == "dynamic-int8":  # the kernel a real AVX2 CPU picks (there oneDNN is 40x slower)
                     for layer in tuning.int8_layers(qm.module).values():
                         layer.set_kernels("fbgemm-u7", "fbgemm-u7")
                     fid = fidelity(task, ref, tm.run(qm.module, texts))
                     out[f"{source}/{strategy}/fbgemm-u7"] = {
-                        "fidelity": fid, "kernels": None, "problems": bound_problems(FIDELITY_BOUNDS[task], fid)}
-        tm = load_task_model("bergamot-pt-en", "seq2seq")
+                        "fidelity": fid, "kernels": None, "problems": bound_problems(get_task(task).default_bound, fid)}
+        tm = load_task_model("bergamot-pt-en", "translate")
         src = probe_texts("pt", 32)
         ref = tm.run(None, src)
         winner, record = auto_select(
-            tm, AUTO_CANDIDATES["translate"], bound=FIDELITY_BOUNDS["translate"], run=tm.run, items=src,
-            reference=ref, agreement=lambda r, o: fidelity("seq2seq", r, o), batch=8, rounds=1,
+            tm, get_task("translate").auto_candidates, bound=get_task("translate").default_bound, run=tm.run, items=src,
+            reference=ref, agreement=lambda r, o: fidelity("translate", r, o), batch=8, rounds=1,
             quantize=lambda s, p: quantize_model(tm, s, p),
             tune=lambda m: tuning.choose_kernels(m, lambda mm: tm.run(mm, src[:8])))
         out["pt-en/auto"] = {"why": record["why"], "candidates": record["candidates"],

@@ -114,7 +114,7 @@ def test_long_inputs_are_truncated_by_default_and_reported(hostile_server):
     r = httpx.post(f"{base}/v1/embed", json={"inputs": ["short", LONG], "variant": "fp32"})
     assert r.status_code == 200 and r.json()["usage"]["truncated"] == [1]
     served = app.state.registry.models["minilm"]
-    items = served.adapter.tokenize(["short", LONG])
+    items = served.task.tokenize(["short", LONG])
     assert [len(i) for i in items][1] == 64  # cut to the model's limit, [SEP] kept
     assert items[1][-1] == served.task_model.tokenizer.sep_token_id
 
@@ -163,7 +163,7 @@ def test_request_ids_are_echoed_or_made_and_name_every_log_line_about_the_reques
     served = app.state.registry.models["minilm"]
     batcher = served.variants["fp32"].batcher
     real = batcher._run_batch
-    poison = served.adapter.tokenize(["poison pill"])[0]
+    poison = served.task.tokenize(["poison pill"])[0]
 
     def fail_on_poison(items):  # a fault inside one batch: the model call raises
         if poison in items:
@@ -258,7 +258,7 @@ def test_overload_gets_429_with_retry_after_never_a_timeout_and_answers_stay_cor
     base, app = hostile_server
     served = app.state.registry.models["minilm"]
     texts = [f"request number {i} asks about topic {i % 7}" for i in range(120)]
-    ref = torch.stack(served.adapter.run(served.variants["fp32"].module, served.adapter.tokenize(texts)))
+    ref = torch.stack(served.task.run(served.variants["fp32"].module, served.task.tokenize(texts)))
 
     async def one(client, i):
         return i, await client.post("/v1/embed", json={"inputs": [texts[i]] * 8, "variant": "fp32"})

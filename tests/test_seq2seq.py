@@ -14,6 +14,7 @@ from quantization.fidelity import fidelity
 from quantization.models import load_task_model
 from quantization.texts import eval_texts
 from quantization.pipeline import quantize_model
+from quantization.tasks import get_task
 from quantization.report import build_report
 
 
@@ -53,15 +54,15 @@ def _build_copy_model(directory) -> None:
 def copier(tmp_path_factory):
     directory = tmp_path_factory.mktemp("tiny-marian")
     _build_copy_model(directory)
-    tm = load_task_model(str(directory), task="seq2seq")
+    tm = load_task_model(str(directory), task="translate")
     texts = [t.lower() for t in eval_texts()[:120] if len(t.split()) <= 10][:40]
     return tm, texts, tm.run(None, texts)
 
 
 def test_the_tiny_model_really_translates_its_input(copier):
     tm, texts, ref = copier
-    assert tm.task == "seq2seq" and tm.info["architecture"] == "MarianMTModel"
-    copied = fidelity("seq2seq", texts, ref)  # FP32 output against its own input: the task it learned
+    assert tm.task == "translate" and tm.info["architecture"] == "MarianMTModel"
+    copied = fidelity("translate", texts, ref)  # FP32 output against its own input: the task it learned
     assert copied["chrf"] > 50
 
 
@@ -78,19 +79,18 @@ def test_fidelity_discriminates_a_crude_variant(copier):
     tm, texts, ref = copier
     crude = quantize_model(tm, "weight-sharing", {"bits": 1})
     good = quantize_model(tm, "weight-only-int8", {"group_size": 32})
-    f_crude = fidelity("seq2seq", ref, tm.run(crude.module, texts))
-    f_good = fidelity("seq2seq", ref, tm.run(good.module, texts))
+    f_crude = fidelity("translate", ref, tm.run(crude.module, texts))
+    f_good = fidelity("translate", ref, tm.run(good.module, texts))
     assert f_good["chrf"] > f_crude["chrf"] and f_good["identical"] >= f_crude["identical"]
 
 
 def test_a_transformers_model_translates_through_the_service_task_code(copier):
-    from service.translation import TranslationAdapter
 
     tm, texts, ref = copier
-    adapter = TranslationAdapter(tm, max_tokens=64)
+    adapter = get_task("translate")(tm, max_tokens=64)
     items = adapter.tokenize(texts[:8])
     assert [t.text for t in adapter.run(tm.module, items)] == ref[:8]  # the same outputs as the library's run
     qm = quantize_model(tm, "dynamic-int8", calibration=texts[:16])
-    assert adapter.agreement(adapter.run(tm.module, items), adapter.run(qm.module, items))["chrf"] >= 80
+    assert adapter.compare_outputs(adapter.run(tm.module, items), adapter.run(qm.module, items))["chrf"] >= 80
     capped = adapter.run(tm.module, adapter.tokenize(texts[:8], beam_size=2, max_new_tokens=3))
     assert all(0 < t.generated_tokens <= 3 for t in capped)

@@ -16,7 +16,8 @@ from prometheus_client.parser import text_string_to_metric_families
 from bench.live import thread_server
 from quantization.texts import eval_texts
 from service.app import create_app
-from service.config import FIDELITY_BOUNDS, load_settings
+from quantization.tasks import get_task
+from service.config import load_settings
 
 
 @pytest.fixture(scope="module")
@@ -28,7 +29,7 @@ def server():
 
 def direct(app, model: str, variant: str, texts: list[str]) -> torch.Tensor:
     served = app.state.registry.models[model]
-    return torch.stack(served.adapter.run(served.variants[variant].module, served.adapter.tokenize(texts)))
+    return torch.stack(served.task.run(served.variants[variant].module, served.task.tokenize(texts)))
 
 
 def test_health_and_readiness(server):
@@ -93,7 +94,7 @@ def test_compare_reports_int8_agreement_within_the_library_bounds(server):
     assert by["fp32"]["agreement"]["mean_cosine"] > 0.99999
     # the kernels are chosen on this CPU (7-bit activations where they are the fast exact route): the bound is
     # the model's fidelity bound, what the serving gate holds every default variant to
-    bound = FIDELITY_BOUNDS["embed"]
+    bound = get_task("embed").default_bound
     assert by["int8"]["agreement"]["mean_cosine"] >= bound["mean_cosine"]
     assert by["int8"]["agreement"]["min_cosine"] >= bound["min_cosine"]
     assert len(by["int8"]["per_input_agreement"]) == 24 and by["int8"]["latency_seconds"] > 0
@@ -205,9 +206,7 @@ def test_shadow_traffic_records_agreement_off_the_response_path(server):
 
 def test_request_tokenizing_and_embedding_output_match_the_library_paths(minilm, texts):
     """The request path tokenizes with the Rust core and normalises with numpy; same ids, same vectors."""
-    from service.tasks import TaskAdapter
-
-    adapter = TaskAdapter(minilm, max_tokens=32)
+    adapter = get_task("embed")(minilm, max_tokens=32)
     assert adapter._fast is not None
     inputs = texts[:40] + ["", "ünïcödé  文字 🙂 naïve café", "word " * 100, texts[3] * 4]
     for truncation in ("truncate", "error"):
@@ -226,7 +225,7 @@ def test_request_tokenizing_and_embedding_output_match_the_library_paths(minilm,
         assert [adapter.encode([text]).items[0] for text in inputs] == want  # one text per call takes another branch
     vector = torch.randn(384) * 3
     for normalize in (True, False):
-        got = torch.tensor(TaskAdapter.embedding(vector, normalize))
+        got = torch.tensor(adapter.embedding(vector, normalize))
         assert torch.allclose(got, F.normalize(vector, dim=0) if normalize else vector, atol=1e-7)
 
 

@@ -49,7 +49,7 @@ def test_the_default_config_serves_minilm_and_intent_as_fp32_and_int8_and_transl
      "models.0.colour: unknown field"),
     ("models: [1", "not valid YAML"),
     ("models:\n - {name: a, task: translate, source: bergamot-en-pt, variants: [{name: x, strategy: fp32, compile: true}]}",
-     "variant 'x' asks for compile: true, which applies to embed and classify models only"),
+     "variant 'x' asks for compile: true, which applies to classify, embed models only"),
 ])
 def test_bad_configs_are_refused_with_one_sentence(tmp_path, yaml_text, needle):
     with pytest.raises(ConfigError) as err:
@@ -128,7 +128,7 @@ def test_restart_with_artifacts_loads_saved_variants_instead_of_quantizing(tmp_p
         served = registry.models["intent"]
         v = served.variants["int8"]
         runs.append((v.loaded_from_artifact, v.quantization_seconds, v.fidelity,
-                     served.adapter.run(v.module, served.adapter.tokenize(texts))))
+                     served.task.run(v.module, served.task.tokenize(texts))))
     (first_loaded, first_s, first_fid, first_out), (second_loaded, second_s, second_fid, second_out) = runs
     assert not first_loaded and second_loaded
     assert (tmp_path / "artifacts" / "intent" / "int8" / "manifest.json").is_file()

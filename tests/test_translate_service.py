@@ -10,7 +10,7 @@ import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
 from bench.live import thread_server
-from quantization.fidelity import sentence_chrf
+from quantization.tasks.translate import sentence_chrf
 from quantization.texts import translation_texts
 from service.app import create_app
 from service.config import load_settings
@@ -84,7 +84,7 @@ def test_concurrent_requests_each_get_their_own_translation(server):
     base, app = server
     texts = translation_texts("pt")[:16]
     served = app.state.registry.models["pt-en"]
-    alone = [served.adapter.run(served.variants["fp32"].module, served.adapter.tokenize([t]))[0].text for t in texts]
+    alone = [served.task.run(served.variants["fp32"].module, served.task.tokenize([t]))[0].text for t in texts]
 
     async def go():
         async with httpx.AsyncClient(base_url=base, timeout=120) as client:

@@ -67,7 +67,7 @@ def decoder_options(config: Path | None) -> dict[str, float | int]:
 
 
 def load_marian(source: str, name: str | None = None, shortlist: bool = True):
-    """A seq2seq :class:`~quantization.task_model.TaskModel` whose module is a :class:`MarianGenerator`."""
+    """A translate :class:`~quantization.task_model.TaskModel` whose module is a :class:`MarianGenerator`."""
     files = marian_files(source)
     tokenizer = SentencePieceTokenizer(files["vocab"])
     model = TinyTransformer.from_marian(read_marian_binary(files["model"]))
@@ -86,5 +86,5 @@ def load_marian(source: str, name: str | None = None, shortlist: bool = True):
     calibration = calibration_texts_for(source_lang)[:48]
     # the whole pool: how many of them measure fidelity is the caller's choice (it slices hard ones first)
     probes = probe_texts(source_lang, None) if source_lang in ("en", "pt") else None
-    return TaskModel(name or (source if source in BERGAMOT else files["dir"].name), "seq2seq", module, tokenizer,
+    return TaskModel(name or (source if source in BERGAMOT else files["dir"].name), "translate", module, tokenizer,
                      str(files["dir"]), hash_files(hashed), info=info, calibration=calibration, probes=probes)

@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import importlib
-import pkgutil
 import time
 from typing import Any, Callable
 
@@ -11,6 +9,7 @@ from pydantic import ValidationError
 from torch import nn
 
 from ..errors import CalibrationError, InvalidConfigError, NoQuantizableLayersError, UnknownStrategyError
+from ..plugins import discover
 from .base import (STRATEGIES, Batch, LayerwiseStrategy, Progress, QuantizedModel, Strategy, StrategyParams,
                    match_patterns, no_progress, register)
 from .mixed import auto_keep
@@ -95,25 +94,9 @@ def quantize(module: nn.Module, strategy: str, params: dict[str, Any] | Strategy
                           kept=sorted(kept), seconds=seconds, runtime=cls.runtime, notes=notes)
 
 
-_LOADED = False
-
-
 def _load_builtin() -> None:
-    """Import every module of this package once: each registers the strategies it defines (``@register``).
-
-    The registry lists them by module name, then in definition order, however they were first imported.
-    """
-    global _LOADED
-    if _LOADED:
-        return
-    _LOADED = True
-    modules = [m.name for m in pkgutil.iter_modules(__path__)]
-    for name in modules:
-        importlib.import_module(f"{__name__}.{name}")
-    rank = {f"{__name__}.{name}": i for i, name in enumerate(modules)}
-    ordered = sorted(STRATEGIES.values(), key=lambda cls: rank.get(cls.__module__, len(rank)))  # stable
-    STRATEGIES.clear()
-    STRATEGIES.update({cls.name: cls for cls in ordered})
+    """Every module of this package registers the strategies it defines (``@register``)."""
+    discover(__name__, __path__, STRATEGIES)
 
 
 __all__ = ["STRATEGIES", "register", "get_strategy", "strategy_names", "parse_params", "quantize",

@@ -12,7 +12,7 @@ from ..errors import InvalidInput, UnknownModel
 from ..fastroutes import fast_route
 from ..schemas import (ClassifyRequest, ClassifyResponse, CompareRequest, CompareResponse, EmbedRequest,
                        EmbedResponse, OpenAIEmbeddingsRequest, OpenAIEmbeddingsResponse, error_responses)
-from ..serving import Serving, as_results
+from ..serving import Serving
 from .deps import RequestKeyHeader, ServingDep, VariantHeader
 
 router = APIRouter(prefix="/v1", responses=error_responses(400, 404, 413, 415, 422, 429, 504))
@@ -24,7 +24,7 @@ async def answer_embed(serving: Serving, req: EmbedRequest, x_variant: str | Non
     served, variant = serving.resolve(req.model, "embed", req.variant or x_variant, x_request_key)
     out = await serving.infer(served, variant, req.inputs, "embed", truncation=req.truncation)
     return EmbedResponse(model=served.name, variant=variant.name, dimension=int(out.outputs[0].numel()),
-                         results=as_results(served.adapter, out.outputs, normalize=req.normalize),
+                         results=served.task.results(out.outputs, normalize=req.normalize),
                          usage={"input_tokens": out.tokens, "truncated": out.truncated},
                          queue_seconds=out.batch.queue_seconds,
                          inference_seconds=out.batch.inference_seconds), variant.name
@@ -49,7 +49,7 @@ async def answer_embeddings(serving: Serving, req: OpenAIEmbeddingsRequest, x_va
                            f"omit dimensions or pass {dim}")
     data = []
     for i, vec in enumerate(out.outputs):
-        values = served.adapter.embedding(vec, normalize=True)
+        values = served.task.embedding(vec, normalize=True)
         if req.encoding_format == "base64":
             values = base64.b64encode(np.asarray(values, dtype=np.float32).tobytes()).decode("ascii")
         data.append({"object": "embedding", "index": i, "embedding": values})
@@ -71,7 +71,7 @@ async def answer_classify(serving: Serving, req: ClassifyRequest, x_variant: str
     served, variant = serving.resolve(req.model, "classify", req.variant or x_variant, x_request_key)
     out = await serving.infer(served, variant, req.inputs, "classify", truncation=req.truncation)
     return ClassifyResponse(model=served.name, variant=variant.name,
-                            results=as_results(served.adapter, out.outputs, top_k=req.top_k),
+                            results=served.task.results(out.outputs, top_k=req.top_k),
                             usage={"input_tokens": out.tokens, "truncated": out.truncated},
                             queue_seconds=out.batch.queue_seconds,
                             inference_seconds=out.batch.inference_seconds), variant.name
@@ -103,11 +103,11 @@ async def compare(req: CompareRequest, serving: ServingDep) -> CompareResponse:
     for name, run in by_name.items():
         agreement = per_input = None
         if reference is not None:
-            agreement = served.adapter.agreement(reference, run.outputs)
-            per_input = [served.adapter.per_input_agreement(task, r, o) for r, o in zip(reference, run.outputs)]
+            agreement = served.task.compare_outputs(reference, run.outputs)
+            per_input = [served.task.agreement(r, o) for r, o in zip(reference, run.outputs)]
         variants.append({"variant": name, "strategy": served.variants[name].config.strategy,
                          "latency_seconds": run.batch.queue_seconds + run.batch.inference_seconds,
                          "queue_seconds": run.batch.queue_seconds, "inference_seconds": run.batch.inference_seconds,
-                         "results": as_results(served.adapter, run.outputs, top_k=3),
+                         "results": served.task.results(run.outputs, top_k=3),
                          "agreement": agreement, "per_input_agreement": per_input})
     return CompareResponse(model=served.name, task=task, baseline=baseline, variants=variants)

