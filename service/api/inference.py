@@ -6,20 +6,20 @@ import asyncio
 import base64
 
 import numpy as np
-from fastapi import APIRouter, Response
+from fastapi import APIRouter
 
 from ..errors import InvalidInput, UnknownModel
-from ..fastroutes import fast_route
 from ..schemas import (ClassifyRequest, ClassifyResponse, CompareRequest, CompareResponse, EmbedRequest,
                        EmbedResponse, OpenAIEmbeddingsRequest, OpenAIEmbeddingsResponse, error_responses)
 from ..serving import Serving
-from .deps import RequestKeyHeader, ServingDep, VariantHeader
+from .deps import ServingDep
+from .endpoint import inference_endpoint
 
 router = APIRouter(prefix="/v1", responses=error_responses(400, 404, 413, 415, 422, 429, 504))
 
 
-@fast_route("/v1/embed", EmbedRequest)
-async def answer_embed(serving: Serving, req: EmbedRequest, x_variant: str | None,
+@inference_endpoint(router, "/embed", EmbedRequest, EmbedResponse, summary="Sentence embeddings from one variant")
+async def embed(serving: Serving, req: EmbedRequest, x_variant: str | None,
                        x_request_key: str | None) -> tuple[EmbedResponse, str]:
     served, variant = serving.resolve(req.model, "embed", req.variant or x_variant, x_request_key)
     out = await serving.infer(served, variant, req.inputs, "embed", truncation=req.truncation)
@@ -30,15 +30,9 @@ async def answer_embed(serving: Serving, req: EmbedRequest, x_variant: str | Non
                          inference_seconds=out.batch.inference_seconds), variant.name
 
 
-@router.post("/embed", response_model=EmbedResponse, summary="Sentence embeddings from one variant")
-async def embed(req: EmbedRequest, response: Response, serving: ServingDep, x_variant: VariantHeader = None,
-                x_request_key: RequestKeyHeader = None) -> EmbedResponse:
-    body, response.headers["X-Variant"] = await answer_embed(serving, req, x_variant, x_request_key)
-    return body
-
-
-@fast_route("/v1/embeddings", OpenAIEmbeddingsRequest)
-async def answer_embeddings(serving: Serving, req: OpenAIEmbeddingsRequest, x_variant: str | None,
+@inference_endpoint(router, "/embeddings", OpenAIEmbeddingsRequest, OpenAIEmbeddingsResponse,
+                    summary="OpenAI-compatible embeddings (the official openai client works unchanged)")
+async def embeddings(serving: Serving, req: OpenAIEmbeddingsRequest, x_variant: str | None,
                             x_request_key: str | None) -> tuple[OpenAIEmbeddingsResponse, str]:
     texts = [req.input] if isinstance(req.input, str) else list(req.input)
     served, variant = serving.resolve(req.model, "embed", x_variant, x_request_key)
@@ -57,16 +51,9 @@ async def answer_embeddings(serving: Serving, req: OpenAIEmbeddingsRequest, x_va
                                     usage={"prompt_tokens": out.tokens, "total_tokens": out.tokens}), variant.name
 
 
-@router.post("/embeddings", response_model=OpenAIEmbeddingsResponse,
-             summary="OpenAI-compatible embeddings (the official openai client works unchanged)")
-async def embeddings(req: OpenAIEmbeddingsRequest, response: Response, serving: ServingDep,
-                     x_variant: VariantHeader = None, x_request_key: RequestKeyHeader = None):
-    body, response.headers["X-Variant"] = await answer_embeddings(serving, req, x_variant, x_request_key)
-    return body
-
-
-@fast_route("/v1/classify", ClassifyRequest)
-async def answer_classify(serving: Serving, req: ClassifyRequest, x_variant: str | None,
+@inference_endpoint(router, "/classify", ClassifyRequest, ClassifyResponse,
+                    summary="Labels with probabilities from one variant")
+async def classify(serving: Serving, req: ClassifyRequest, x_variant: str | None,
                           x_request_key: str | None) -> tuple[ClassifyResponse, str]:
     served, variant = serving.resolve(req.model, "classify", req.variant or x_variant, x_request_key)
     out = await serving.infer(served, variant, req.inputs, "classify", truncation=req.truncation)
@@ -75,13 +62,6 @@ async def answer_classify(serving: Serving, req: ClassifyRequest, x_variant: str
                             usage={"input_tokens": out.tokens, "truncated": out.truncated},
                             queue_seconds=out.batch.queue_seconds,
                             inference_seconds=out.batch.inference_seconds), variant.name
-
-
-@router.post("/classify", response_model=ClassifyResponse, summary="Labels with probabilities from one variant")
-async def classify(req: ClassifyRequest, response: Response, serving: ServingDep, x_variant: VariantHeader = None,
-                   x_request_key: RequestKeyHeader = None) -> ClassifyResponse:
-    body, response.headers["X-Variant"] = await answer_classify(serving, req, x_variant, x_request_key)
-    return body
 
 
 @router.post("/compare", response_model=CompareResponse,

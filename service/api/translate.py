@@ -2,16 +2,15 @@
 
 from __future__ import annotations
 
-from fastapi import APIRouter, Response
+from fastapi import APIRouter
 
 from quantization.tasks.translate import reads_text
 
 from ..errors import InvalidInput, UnsupportedLanguages
-from ..fastroutes import fast_route
 from ..registry import ServedModel
 from ..schemas import TranslateRequest, TranslateResponse, error_responses
 from ..serving import Serving
-from .deps import RequestKeyHeader, ServingDep, VariantHeader
+from .endpoint import inference_endpoint
 
 router = APIRouter(prefix="/v1", responses=error_responses(400, 404, 413, 415, 422, 429, 504))
 
@@ -41,8 +40,8 @@ def _pick_model(serving: Serving, req: TranslateRequest) -> str | None:
                                supported=supported.split(", "))
 
 
-@fast_route("/v1/translate", TranslateRequest)
-async def answer_translate(serving: Serving, req: TranslateRequest, x_variant: str | None,
+@inference_endpoint(router, "/translate", TranslateRequest, TranslateResponse, summary="Translations from one variant")
+async def translate(serving: Serving, req: TranslateRequest, x_variant: str | None,
                            x_request_key: str | None) -> tuple[TranslateResponse, str]:
     model = _pick_model(serving, req) if serving.registry.ready else req.model
     served, variant = serving.resolve(model, "translate", req.variant or x_variant, x_request_key)
@@ -56,13 +55,6 @@ async def answer_translate(serving: Serving, req: TranslateRequest, x_variant: s
         usage={"input_tokens": out.tokens, "truncated": out.truncated,
                "generated_tokens": sum(t.generated_tokens for t in out.outputs)},
         queue_seconds=out.batch.queue_seconds, inference_seconds=out.batch.inference_seconds), variant.name
-
-
-@router.post("/translate", response_model=TranslateResponse, summary="Translations from one variant")
-async def translate(req: TranslateRequest, response: Response, serving: ServingDep, x_variant: VariantHeader = None,
-                    x_request_key: RequestKeyHeader = None) -> TranslateResponse:
-    body, response.headers["X-Variant"] = await answer_translate(serving, req, x_variant, x_request_key)
-    return body
 
 
 def _check_options(served: ServedModel, variant: str, module: object, req: TranslateRequest) -> None:
