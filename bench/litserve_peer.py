@@ -31,7 +31,7 @@ class EmbedAPI(ls.LitAPI):
         self.variant, self.compile, self.threads = variant, compile, threads
 
     def setup(self, device) -> None:
-        from quantization.compiled import Settled, compile_module, warm_up
+        from quantization.internals.compiled import Settled, compile_module, warm_up
         from quantization.models import load_task_model
         from quantization.texts import eval_texts
         from quantization.pipeline import quantize_model

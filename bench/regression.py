@@ -6,12 +6,17 @@
 Each commit is exported (``git archive``) to a temporary directory and runs from there with this
 environment's Python:
 
-- strategies: a worker process per commit builds MiniLM's fp32, dynamic-int8 (kernels chosen for this
-  CPU) and dynamic-int8 compiled, as ``bench/strategies.py`` does, and times them with that commit's
-  own ``bench/strategies.py`` timing code (batch 32 x 128 and batch 1 x 16) when asked;
+- strategies: a worker process per commit builds MiniLM's fp32, dynamic-int8 and dynamic-int8 compiled,
+  as ``bench/strategies.py`` does, and times them with that commit's own ``bench/strategies.py`` timing
+  code (batch 32 x 128 and batch 1 x 16) when asked;
 - serving: each commit's ``python -m service`` serves MiniLM and the intent classifier (their entries
   of the default config), and ``bench/serving.py``'s closed loop drives ``/v1/embed`` and
   ``/v1/classify``, fp32 and int8, at 1 client (p50 latency) and 32 clients (requests/s).
+
+Kernels are chosen by measurement, and two measurements differ: the old commit's worker and service
+choose (kernels, and strategy ``auto``'s winner), and the new commit's reuse those choices (the worker
+applies the same kernel record; the service loads the artifacts and kernel choices the old one saved),
+so both serve the same variants and only the code differs.
 
 Both commits are built and started first; then every round measures old and new back to back (the
 order alternates between rounds), so drift on a shared machine hits both alike. A figure's ratio is
@@ -46,25 +51,39 @@ WORKER = r"""
 import copy, json, sys
 sys.path.insert(0, ".")
 from bench.strategies import fixed_batch, time_rounds
-from quantization.compiled import Settled, compile_module, compiler_problem, warm_up
+try:
+    from quantization.internals.compiled import Settled, compile_module, compiler_problem, warm_up
+except ImportError:  # commits before quantization/internals/
+    from quantization.compiled import Settled, compile_module, compiler_problem, warm_up
 from quantization.models import load_task_model
 from quantization.pipeline import quantize_model
 from quantization.texts import eval_texts
-from quantization.tuning import choose_kernels
+from quantization.tuning import apply_choice, choose_kernels
 
 texts = eval_texts()
 mini = load_task_model("minilm")
 variants = {"fp32": mini.module}
 qm = quantize_model(mini, "dynamic-int8")
 compiled = copy.deepcopy(qm.module)
-choose_kernels(qm.module, lambda m: mini.run(m, texts[:16]))
+# the kernels are measured once, by the first commit's worker, and the second applies the same choice
+records_path, mode = sys.argv[1], sys.argv[2]
+records = json.load(open(records_path)) if mode == "read" else {}
+if mode == "read":
+    apply_choice(qm.module, records["eager"])
+else:
+    records["eager"] = choose_kernels(qm.module, lambda m: mini.run(m, texts[:16]))
 variants["dynamic-int8"] = qm.module
 if compiler_problem() is None:
-    choose_kernels(compiled, lambda m: mini.run(m, texts[:16]), compiled=True)
+    if mode == "read":
+        apply_choice(compiled, records["compiled"])
+    else:
+        records["compiled"] = choose_kernels(compiled, lambda m: mini.run(m, texts[:16]), compiled=True)
     c = compile_module(compiled, probe=lambda m: mini.run(m, texts[:2]))
     mini.run(c, texts)
     warm_up(lambda batch: mini.run(c, batch), texts[:4])
     variants["dynamic-int8 + torch.compile"] = Settled(c)
+if mode == "write":
+    json.dump(records, open(records_path, "w"))
 shapes = {"batch32x128": fixed_batch(mini, texts, 32, 128), "batch1x16": fixed_batch(mini, texts, 1, 16)}
 print(json.dumps({"ready": list(variants)}), flush=True)
 for line in sys.stdin:
@@ -79,7 +98,7 @@ for line in sys.stdin:
 class Commit:
     """One commit, exported, with its strategies worker and its service."""
 
-    def __init__(self, label: str, rev: str, workdir: Path) -> None:
+    def __init__(self, label: str, rev: str, workdir: Path, first: bool) -> None:
         self.label, self.rev = label, rev
         self.sha = subprocess.check_output(["git", "-C", str(ROOT), "rev-parse", rev], text=True).strip()
         self.dir = workdir / label
@@ -89,10 +108,13 @@ class Commit:
         config = yaml.safe_load((self.dir / "service" / "default_config.yaml").read_text())
         config["models"] = [m for m in config["models"] if m["name"] in SERVED]
         (self.dir / "regression.yaml").write_text(yaml.safe_dump(config))
-        self.worker = subprocess.Popen([sys.executable, "-c", WORKER], cwd=self.dir, stdin=subprocess.PIPE,
+        # the first commit measures kernels and picks auto's candidates; the second reuses both (the kernel
+        # record, and the saved artifacts with their kernel choice), so the two serve the same variants
+        self.worker = subprocess.Popen([sys.executable, "-c", WORKER, str(workdir / "kernels.json"),
+                                        "write" if first else "read"], cwd=self.dir, stdin=subprocess.PIPE,
                                        stdout=subprocess.PIPE, text=True)
         self.service = ServiceProcess("--config", str(self.dir / "regression.yaml"), "--log-level", "warning",
-                                      cwd=self.dir)
+                                      "--artifacts-dir", str(workdir / "artifacts"), cwd=self.dir)
 
     def ready(self) -> None:
         line = self.worker.stdout.readline()
@@ -177,11 +199,10 @@ def main() -> int:
     with tempfile.TemporaryDirectory(prefix="regression-") as tmp:
         commits = []
         try:
+            print("building both commits' variants and services, one after the other ...", file=sys.stderr)
             for label, rev in (("old", args.old), ("new", args.new)):
-                commits.append(Commit(label, rev, Path(tmp)))
-            print("building both commits' variants and services ...", file=sys.stderr)
-            for c in commits:
-                c.ready()
+                commits.append(Commit(label, rev, Path(tmp), first=not commits))
+                commits[-1].ready()
             for i in range(args.rounds):
                 order = commits if i % 2 == 0 else commits[::-1]
                 got: dict[str, Any] = {}

@@ -40,7 +40,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 from bench.results import machine_summary, publish  # noqa: E402
-from quantization.compiled import Settled, compile_module, compiler_problem, warm_up  # noqa: E402
+from quantization.internals.compiled import Settled, compile_module, compiler_problem, warm_up  # noqa: E402
 from quantization import tuning  # noqa: E402
 from quantization.fidelity import fidelity  # noqa: E402
 from quantization.tuning import choose_kernels  # noqa: E402

@@ -20,20 +20,18 @@ mapped affinely onto [0, 1] (row ``i``: ``(x - lo_i) / r_i``), so the one scale 
 row's own, and the product is mapped back: ``y = r_i * (x' W^T) + lo_i * sum_k W + b``. One row needs no
 mapping (its range is the whole input's).
 
-FBGEMM is reached through torch's quantized-tensor API, which torch has deprecated: it is used here only,
-inside the custom op ``quantserve::fbgemm_linear`` (so compiled graphs can call it too), and
-``QUANTSERVE_FBGEMM=0`` turns every FBGEMM kernel off.
+FBGEMM is reached through torch's deprecated quantized-tensor API, behind :mod:`quantization.internals.fbgemm`
+(its switch, ``fbgemm``, or ``QUANTSERVE_FBGEMM=0``, turns every FBGEMM kernel off).
 """
 
 from __future__ import annotations
 
-import os
-import warnings
-import weakref
 from typing import Any
 
 import torch
 import torch.nn.functional as F
+
+from .internals import fbgemm as fb
 
 KERNELS = ("onednn", "fbgemm-u8", "fbgemm-u7", "fp32")
 # a layer runs one kernel for one row, one for a few rows (a decoding step of a small batch) and one for more:
@@ -42,73 +40,11 @@ FEW_ROWS = 32
 FEW_TIMED = 16  # the rows the "few" kernel is timed on
 # activation bits: where two kernels are about as fast, the more precise one is preferred
 PRECISION = {"onednn": 8, "fbgemm-u8": 8, "fbgemm-u7": 7, "fp32": 32}
-FBGEMM_ENV = "QUANTSERVE_FBGEMM"
 
 
 def reduce_range(kernel: str) -> bool:
     """Whether an FBGEMM kernel quantizes its activations to 7 bits (torch's ``reduce_range``)."""
     return PRECISION[kernel] == 7
-
-# id(weight tensor) -> (weakref to it, weakref to the scale tensor, their versions when packed, packed weight)
-_PACKED: dict[int, tuple[Any, Any, tuple[int, int], Any]] = {}
-_FBGEMM_OK: bool | None = None
-
-
-def fbgemm_available() -> bool:
-    """FBGEMM's dynamic linear works in this torch build and has not been switched off."""
-    global _FBGEMM_OK
-    if os.environ.get(FBGEMM_ENV, "1").strip().lower() in ("0", "false", "no", "off"):
-        return False
-    if _FBGEMM_OK is None:
-        try:
-            w = torch.ones(2, 4, dtype=torch.int8)
-            _pack(w, torch.ones(2))
-            _FBGEMM_OK = True
-        except (RuntimeError, AttributeError, NotImplementedError):
-            _FBGEMM_OK = False
-    return _FBGEMM_OK
-
-
-def _pack(weight: torch.Tensor, scale: torch.Tensor) -> Any:
-    n = weight.shape[0]
-    scale = scale.double().flatten().expand(n).contiguous()
-    with warnings.catch_warnings():
-        warnings.filterwarnings("ignore", message=".*quantized tensor creation functions.*deprecated")
-        q = torch._make_per_channel_quantized_tensor(weight, scale, torch.zeros(n, dtype=torch.long), 0)
-    return torch.ops.quantized.linear_prepack(q, None)
-
-
-def _packed(weight: torch.Tensor, scale: torch.Tensor) -> Any:
-    """The packed form of ``weight``, made once per weight tensor (again if it is changed in place)."""
-    entry = _PACKED.get(id(weight))
-    versions = (weight._version, scale._version)
-    if entry is not None and entry[0]() is weight and entry[1]() is scale and entry[2] == versions:
-        return entry[3]
-    packed = _pack(weight, scale)
-    key = id(weight)
-    if entry is None:
-        weakref.finalize(weight, _PACKED.pop, key, None)
-    _PACKED[key] = (weakref.ref(weight), weakref.ref(scale), versions, packed)
-    return packed
-
-
-def _fbgemm_linear(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor, reduce_range: bool) -> torch.Tensor:
-    return torch.ops.quantized.linear_dynamic(x.contiguous(), _packed(weight, scale), reduce_range)
-
-
-@torch.library.custom_op("quantserve::fbgemm_linear", mutates_args=())
-def fbgemm_linear(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor, reduce_range: bool) -> torch.Tensor:
-    """``x @ dequant(weight)^T`` through FBGEMM, activations quantized (one scale for all of ``x``) to 8 or 7 bits.
-
-    A custom op so that compiled graphs call it as one opaque kernel; eager calls skip the op's dispatch
-    (~30 us a call, more than a one-row product costs).
-    """
-    return _fbgemm_linear(x, weight, scale, reduce_range)
-
-
-@fbgemm_linear.register_fake
-def _(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor, reduce_range: bool) -> torch.Tensor:
-    return x.new_empty((x.shape[0], weight.shape[0]))
 
 
 def normalize_rows(x2: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -121,7 +57,7 @@ def normalize_rows(x2: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.
 def fbgemm(layer: Any, x2: torch.Tensor, kernel: str) -> torch.Tensor:
     """A dynamic int8 layer's product through an FBGEMM ``kernel`` (``x2``: flat, smoothed input), bias included."""
     seven = reduce_range(kernel)
-    call = fbgemm_linear if torch.compiler.is_compiling() else _fbgemm_linear
+    call = fb.graph_linear if layer.graph_form else fb.eager_linear
     if x2.shape[0] == 1:
         y = call(x2, layer.weight_int8, layer.weight_scale, seven)
     else:
@@ -136,8 +72,7 @@ def fbgemm_static(layer: Any, x2: torch.Tensor, kernel: str) -> torch.Tensor:
     scale, zero, lo, hi = layer.fbgemm_grid(kernel)
     if reduce_range(kernel):
         x2 = x2.clamp(lo, hi)
-    y = torch.ops.quantized.linear_with_input_q_dq_qweight_dq_output_fp32(
-        x2.contiguous(), scale, zero, _packed(layer.weight_int8, layer.weight_scale))
+    y = fb.linear_static(x2, scale, zero, fb.packed(layer.weight_int8, layer.weight_scale))
     return y.add_(layer.bias) if layer.bias is not None else y
 
 
@@ -173,7 +108,7 @@ def exactness(kernel: str, layer: Any, x2: torch.Tensor) -> float:
         xn, _, _ = normalize_rows(xs)
         q = torch.round(xn * levels)
         # an input on the kernel's own grid (each row spans exactly [0, 1]): its quantization gives back q exactly
-        out = torch.ops.quantized.linear_dynamic(q / levels, _pack(w, torch.ones(w.shape[0])), reduce_range(kernel))
+        out = fb.linear_dynamic(q / levels, fb.pack(w, torch.ones(w.shape[0])), reduce_range(kernel))
         acc = out.double() * levels
     exact = (q.to(torch.int64) @ w.to(torch.int64).t()).double()
     return float((acc - exact).abs().max()) / max(1.0, float(exact.abs().max()))
@@ -188,5 +123,5 @@ def _adversarial(x2: torch.Tensor) -> torch.Tensor:
 EXACT_TOLERANCE = 1e-6  # float rounding of the dequantized product; one saturated pair is far above it
 
 
-__all__ = ["KERNELS", "PRECISION", "FBGEMM_ENV", "fbgemm_available", "fbgemm_linear", "fbgemm", "fbgemm_static", "fp32",
-           "exactness", "normalize_rows", "EXACT_TOLERANCE", "FEW_ROWS", "FEW_TIMED"]
+__all__ = ["KERNELS", "PRECISION", "fbgemm", "fbgemm_static", "fp32", "exactness", "normalize_rows", "EXACT_TOLERANCE",
+           "FEW_ROWS", "FEW_TIMED"]

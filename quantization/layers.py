@@ -91,6 +91,10 @@ class Int8GemmLinear(QuantizedLinear):
     row_kernel: str = "onednn"
     few_kernel: str = "onednn"  # up to kernels.FEW_ROWS rows
     batch_kernel: str = "onednn"
+    # the serving form, chosen when the model is built: True in a module prepared for torch.compile
+    # (quantization.internals.compiled.compile_module), whose graphs call FBGEMM through a custom op and
+    # share input GEMMs; forwards never ask the compiler whether it is tracing them
+    graph_form: bool = False
 
     def __init__(self, in_features: int, out_features: int, has_bias: bool, weight_granularity: str = "channel",
                  smooth: bool = False) -> None:
@@ -279,7 +283,7 @@ class DynamicInt8Linear(Int8GemmLinear):
             return F.linear(x, self.input_weight(), self.bias)
         if kernel.startswith("fbgemm") and (x.requires_grad or self.act_symmetric):
             kernel = "onednn"  # FBGEMM's kernels have no backward and quantize asymmetrically
-        if kernel == "onednn" and self.shared_columns is not None and torch.compiler.is_compiling():
+        if kernel == "onednn" and self.shared_columns is not None and self.graph_form:
             # every layer of the group computes the whole shared product from the same input with the same
             # tensors; the compiler merges the identical computations into one, and each layer keeps its columns
             q, scale, zero = self._quantize_input(self._flat_input(x, self.shared_smooth))
@@ -353,10 +357,17 @@ class StaticInt8Linear(Int8GemmLinear):
         kernel = self.kernel_for(x)
         if self.fp32_fast(x, kernel):
             return F.linear(x, self.input_weight(), self.bias)
-        if kernel.startswith("fbgemm") and (x.requires_grad or torch.compiler.is_compiling()):
+        if kernel.startswith("fbgemm") and (x.requires_grad or self.graph_form):
             kernel = "onednn"  # no backward, and compiled graphs reach FBGEMM only through the dynamic layers' op
         y = self.run_kernel(kernel, self._flat_input(x))
         return y.reshape(*x.shape[:-1], self.out_features).to(x.dtype)
+
+
+def set_graph_form(module: nn.Module, on: bool) -> None:
+    """Choose the serving form of every int8 GEMM layer of ``module``: for compiled graphs, or eager."""
+    for m in module.modules():
+        if isinstance(m, Int8GemmLinear):
+            m.graph_form = on
 
 
 def share_input_gemms(module: nn.Module, probe: Callable[[nn.Module], Any]) -> int:
@@ -371,9 +382,10 @@ def share_input_gemms(module: nn.Module, probe: Callable[[nn.Module], Any]) -> i
     call form a group, if they quantize it alike (the same smoothing factors: dynamic-int8 smooths such
     layers jointly). Each layer of a group gets the concatenated weights as non-persistent buffers
     shared by the group (the state dict and stored form are unchanged; a few MB more int8 in memory)
-    and its column range. Only a compiled forward uses them: there the quantized input and the product
+    and its column range. Only the graph form uses them (:func:`set_graph_form`, which ``compile_module``
+    calls): there the quantized input and the product
     are the same computation in every layer of the group, which the compiler's common-subexpression
-    elimination runs once. Eager forwards are unchanged. Call it before ``torch.compile``, and do not
+    elimination runs once. Eager forms are unchanged. Call it before ``torch.compile``, and do not
     move the module afterwards (a move copies each layer's buffers apart).
     """
     names = [n for n, m in module.named_modules()
@@ -413,4 +425,4 @@ def static_act_scheme(symmetric: bool = False) -> QScheme:
 
 
 __all__ = ["QuantizedLinear", "DynamicInt8Linear", "StaticInt8Linear", "weight_scheme", "static_act_scheme",
-           "compute_qparams", "share_input_gemms"]
+           "compute_qparams", "set_graph_form", "share_input_gemms"]

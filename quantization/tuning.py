@@ -33,6 +33,7 @@ from torch import nn
 from . import kernels
 from .artifacts import load_beside, save_beside
 from .cpu import CpuProfile, profile as cpu_profile
+from .internals import fbgemm
 from .layers import DynamicInt8Linear, Int8GemmLinear
 
 log = logging.getLogger(__name__)
@@ -50,7 +51,7 @@ def candidates(prof: CpuProfile | None = None) -> list[str]:
     """The kernels worth measuring on this CPU, most precise first."""
     prof = prof or cpu_profile()
     out = ["onednn"]
-    if kernels.fbgemm_available():
+    if fbgemm.available():
         if prof.int8_dot and prof.arch == "x86_64":
             out.append("fbgemm-u8")
         if prof.arch == "x86_64":
@@ -121,7 +122,7 @@ def _timer(kernel: str, layers: list[Int8GemmLinear], x2: torch.Tensor, compiled
     else:
         xn = x2 if x2.shape[0] == 1 else kernels.normalize_rows(x2)[0]
         seven = kernels.reduce_range(kernel)
-        calls = [lambda layer=layer: kernels._fbgemm_linear(xn, layer.weight_int8, layer.weight_scale, seven)
+        calls = [lambda layer=layer: fbgemm.eager_linear(xn, layer.weight_int8, layer.weight_scale, seven)
                  for layer in layers]
 
     def run() -> None:
@@ -247,7 +248,7 @@ def load_choice(directory: str | Path, module: nn.Module, *, compiled: bool,
                 k not in kernels.KERNELS for p in record["layers"].values() for k in p.values())):
         return None
     if any(k.startswith("fbgemm") for p in record["layers"].values() for k in p.values()) \
-            and not kernels.fbgemm_available():
+            and not fbgemm.available():
         return None
     record["from_cache"] = True
     apply_choice(module, record)

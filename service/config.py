@@ -240,6 +240,17 @@ class CorsConfig(_Strict):
                                       "X-Request-Key", "X-Request-Timeout"])
 
 
+class SpeedupsConfig(_Strict):
+    """Speed-ups that reach into torch or Python internals, each switchable alone (quantization.internals)."""
+
+    compile: bool = Field(True, description="torch.compile for variants with compile: true (off: they run eager)")
+    settled: bool = Field(True, description="call a warmed compiled variant's graphs without dynamo's guards")
+    merge_pass: bool = Field(True, description="int8 layers reading one input share one GEMM in compiled graphs")
+    fbgemm: bool = Field(True, description="FBGEMM's int8 kernels (torch's deprecated quantized-tensor API)")
+    gc_freeze: bool = Field(True, description="after start-up, hide the built models from Python's cyclic garbage "
+                                              "collector (full collections otherwise stall requests ~0.5 s)")
+
+
 class GateConfig(_Strict):
     action: Literal["fallback", "serve", "stop"] = Field(
         "fallback", description="a quantized variant slower than its FP32 baseline at its served shapes, or below its "
@@ -276,6 +287,7 @@ class Settings(BaseSettings):
         "stop", description="a variant that fails to build: stop start-up, or serve without it (reported in "
                             "/v1/models and /readyz; requests for it get 503)")
     gate: GateConfig = Field(default_factory=GateConfig)
+    speedups: SpeedupsConfig = Field(default_factory=SpeedupsConfig)
     models: list[ModelConfig] = Field(min_length=1)
 
     @model_validator(mode="after")

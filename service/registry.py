@@ -22,7 +22,8 @@ import torch
 
 from quantization import cpu, tuning
 from quantization.artifacts import load_artifact, load_beside, read_manifest, save_artifact, save_beside
-from quantization.compiled import Settled, compile_module, compiler_problem, is_compiled, use_cache_dir, warm_up
+from quantization import internals
+from quantization.internals.compiled import is_compiled, serve_compiled, use_cache_dir
 from quantization.errors import ArtifactError, QuantizationError
 from quantization.models import load_task_model
 from quantization.task_model import TaskModel
@@ -174,6 +175,8 @@ class Registry:
         if self.settings.threads:
             torch.set_num_threads(self.settings.threads)
         self.cpu = cpu.refresh()
+        switches = self.settings.speedups.model_dump()
+        internals.configure(**{k: v for k, v in switches.items() if k in internals.SPEEDUPS})
         self.metrics.declare_cpu(self.cpu)
         self._say(f"event=cpu_profile cpu={self.cpu.summary()!r} key={self.cpu.key}")
         if self.settings.artifacts_dir and any(v.compile for m in self.settings.models for v in m.variants):
@@ -207,7 +210,9 @@ class Registry:
                 if v.degraded:
                     self.degrade(served, v, v.degraded)
             self.models[mc.name] = served
-        self._freeze_startup_objects()
+        if self.settings.speedups.gc_freeze:
+            self._freeze_startup_objects()
+        self._say(f"event=speedups {' '.join(f'{k}={v!r}' for k, v in internals.state().items())}")
 
     def _freeze_startup_objects(self) -> None:
         """Move everything start-up made out of the cyclic garbage collector's sight.
@@ -390,16 +395,14 @@ class Registry:
 
     def _compile(self, served: ServedModel, vc: VariantConfig, module: Any,
                  probe_items: list[Any]) -> tuple[Any, float, str | None]:
-        """The variant's module compiled and warmed up; or, where this machine cannot compile, the
-        eager module and the reason (the variant still serves, and /v1/models says why it is eager)."""
-        problem = compiler_problem()
+        """The variant's module compiled, warmed up and checked; or, where compiling is off, impossible here or
+        does not match eager outputs, the eager module and the reason (the variant still serves, and
+        /v1/models says why it is eager)."""
+        start = time.perf_counter()
+        served_module, problem = serve_compiled(module, served.task.run, probe_items)
         if problem is not None:
             self._say(f"event=compile_unavailable model={served.name} variant={vc.name} reason={problem!r}")
-            return module, 0.0, problem
-        start = time.perf_counter()
-        compiled = compile_module(module, probe=lambda m: served.task.run(m, probe_items[:2]))
-        warm_up(lambda items: served.task.run(compiled, items), probe_items)
-        return Settled(compiled), time.perf_counter() - start, None
+        return served_module, time.perf_counter() - start, problem
 
     async def start_batchers(self) -> None:
         b = self.settings.batching
@@ -443,7 +446,7 @@ def _observer(metrics: Metrics, v: Variant):
         metrics.inference_seconds.labels(*labels).observe(seconds)
         metrics.inputs.labels(*labels).inc(size)
         metrics.tokens.labels(*labels).inc(cost)
-        late = getattr(v.module, "late_compiles", 0)  # a compiled variant's count (quantization.compiled.Settled)
+        late = getattr(v.module, "late_compiles", 0)  # a compiled variant's count (quantization.internals.compiled.Settled)
         if late > seen["late_compiles"]:
             metrics.late_compiles.labels(*labels).inc(late - seen["late_compiles"])
             seen["late_compiles"] = late

@@ -105,3 +105,45 @@ def test_the_library_never_imports_the_service():
     graph = _graph()
     assert {(m, t) for m, ts in graph.items() if m.startswith("quantization") for t in ts
             if t.startswith("service")} == set()
+
+
+# torch internals, the deprecated quantized-tensor API, and a forward asking whether it is being compiled
+INTERNAL_MODULES = ("torch._dynamo", "torch._inductor", "torch.ao", "torch.ops.quantized")
+INTERNAL_NAMES = {"_make_per_channel_quantized_tensor", "_make_per_tensor_quantized_tensor", "quantize_per_tensor",
+                  "quantize_per_channel", "is_compiling"}
+DOOR = ROOT / "quantization" / "internals"
+
+
+def _dotted(node: ast.AST) -> str:
+    parts = []
+    while isinstance(node, ast.Attribute):
+        parts.append(node.attr)
+        node = node.value
+    if isinstance(node, ast.Name):
+        parts.append(node.id)
+    return ".".join(reversed(parts))
+
+
+def _internal_uses(path: Path) -> list[str]:
+    found = []
+    for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
+        names: list[str] = []
+        if isinstance(node, ast.Import):
+            names = [a.name for a in node.names]
+        elif isinstance(node, ast.ImportFrom) and node.module and not node.level:
+            names = [node.module] + [f"{node.module}.{a.name}" for a in node.names]
+        elif isinstance(node, ast.Attribute):
+            names = [_dotted(node)]
+            if node.attr in INTERNAL_NAMES:
+                found.append(f"{path.relative_to(ROOT)}:{node.lineno} {node.attr}")
+        if any(n == m or n.startswith(m + ".") for n in names for m in INTERNAL_MODULES):
+            found.append(f"{path.relative_to(ROOT)}:{node.lineno} {names[0]}")
+    return found
+
+
+def test_torch_internals_are_reached_only_through_quantization_internals():
+    files = [p for pkg in PACKAGES for p in (ROOT / pkg).rglob("*.py") if DOOR not in p.parents]
+    assert sorted({hit for p in files for hit in _internal_uses(p)}) == []
+    inside = [hit for p in DOOR.rglob("*.py") for hit in _internal_uses(p)]
+    assert any("torch._dynamo" in h for h in inside) and any("torch.ops.quantized" in h for h in inside)
+    assert any("_make_per_channel_quantized_tensor" in h for h in inside)  # the check sees them where they are

@@ -13,7 +13,7 @@ import httpx
 import torch
 import torch._dynamo
 
-from quantization.compiled import Settled, compile_module, compiler_problem, is_compiled, original, warm_up
+from quantization.internals.compiled import Settled, compile_module, compiler_problem, is_compiled, original, warm_up
 from quantization.fidelity import fidelity
 from quantization.layers import share_input_gemms
 from quantization.pipeline import quantize_model
@@ -37,7 +37,7 @@ models:
 
 def test_importing_the_library_leaves_the_kernel_cache_location_alone():
     # torch._inductor sets TORCHINDUCTOR_CACHE_DIR when imported; the service must still be able to choose it
-    code = "import os, quantization.compiled, service.registry; assert 'TORCHINDUCTOR_CACHE_DIR' not in os.environ"
+    code = "import os, quantization.internals.compiled, service.registry; assert 'TORCHINDUCTOR_CACHE_DIR' not in os.environ"
     env = {k: v for k, v in os.environ.items() if k != "TORCHINDUCTOR_CACHE_DIR"}
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, env=env)
     assert out.returncode == 0, out.stderr[-2000:]
@@ -96,7 +96,7 @@ def test_layers_reading_one_input_share_one_gemm_when_compiled(minilm, texts):
 
 
 def test_repeated_pure_computations_are_merged_but_not_random_or_mutated_ones():
-    from quantization.compiled import _merge_repeated
+    from quantization.internals.compiled import _merge_repeated
 
     def f(x, y):
         a, b = x.abs() + 1, x.abs() + 1  # merged

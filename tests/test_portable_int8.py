@@ -365,7 +365,7 @@ def test_strategy_auto_picks_the_fastest_faithful_candidate_and_says_why(tmp_pat
 def test_fbgemm_kernels_run_inside_compiled_graphs_as_in_eager():
     """A CPU without VNNI serves compiled variants through FBGEMM: its custom op must trace, compile and
     compute what the eager layer computes, with no graph break (one graph per shape class)."""
-    from quantization.compiled import compile_module, compiler_problem
+    from quantization.internals.compiled import compile_module, compiler_problem
     from quantization.layers import DynamicInt8Linear
 
     if compiler_problem():

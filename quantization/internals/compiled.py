@@ -16,7 +16,9 @@ points it next to saved artifacts) so a restart compiles from the cache. Shapes 
 module is then served as :class:`Settled`, which calls its graphs without dynamo's per-call work.
 
 Only the forward of the module changes: its weights, state dict and stored bytes are the
-module's own (:func:`original` gives the module back).
+module's own (:func:`original` gives the module back). :func:`serve_compiled` is the checked way in:
+it compiles, warms up, and keeps each step only where its outputs match the plainer form's
+(switches ``compile``, ``settled`` and ``merge_pass``; see :mod:`quantization.internals`).
 """
 
 from __future__ import annotations
@@ -32,6 +34,8 @@ from typing import Any, Callable
 import torch
 from torch import nn
 
+from . import switches
+
 log = logging.getLogger(__name__)
 
 CACHE_ENV = "TORCHINDUCTOR_CACHE_DIR"
@@ -39,10 +43,6 @@ CACHE_ENV = "TORCHINDUCTOR_CACHE_DIR"
 # objects (BertModel.forward, ...): with torch's default of 8, the fifth compiled variant of one
 # architecture in a process would silently run eager.
 RECOMPILE_LIMIT = 64
-# With dynamic=True dynamo also makes float attributes of modules symbolic (nn.Embedding's norm_type,
-# LayerNorm's eps); one of them then forces a restart of the whole analysis after the graph was already
-# traced and lowered once. Specialising floats up front (compile_module) traces each graph once: a warm-cache
-# compile of MiniLM int8 took 32 s of which 25 s was the discarded first attempt, and 6.4 s without it.
 
 
 def compiler_problem() -> str | None:
@@ -92,18 +92,76 @@ def compile_module(module: nn.Module, probe: Callable[[nn.Module], Any] | None =
     problem = compiler_problem()
     if problem is not None:
         raise RuntimeError(problem)
-    if probe is not None:
-        from .layers import share_input_gemms
+    from ..layers import set_graph_form, share_input_gemms
 
+    if probe is not None and switches.enabled("merge_pass"):
         share_input_gemms(module, probe)
-    import torch._dynamo.config as dynamo_config
-
-    dynamo_config.recompile_limit = max(dynamo_config.recompile_limit, RECOMPILE_LIMIT)
-    dynamo_config.specialize_float = True
+    set_graph_form(module, True)
+    process_settings()
     graphs = _Graphs()
     compiled = torch.compile(module, dynamic=True, backend=graphs)
     compiled._quantserve_graphs = graphs
     return compiled
+
+
+def process_settings() -> None:
+    """The process-wide torch settings compiled variants need, applied here and nowhere else (idempotent).
+
+    - ``recompile_limit`` at least 64: every compiled variant of one architecture adds its graphs to the guards
+      of the same code objects (``BertModel.forward``, ...); at torch's default of 8 the fifth compiled variant
+      in a process would silently run eager.
+    - ``specialize_float``: with ``dynamic=True`` dynamo otherwise makes float module attributes (LayerNorm's
+      eps) symbolic, and one of them restarts the whole analysis after the graph was traced and lowered once
+      (a warm-cache compile of MiniLM int8: 32 s, 25 of them the discarded attempt; 6.4 s specialised).
+    """
+    import torch._dynamo.config as dynamo_config
+
+    dynamo_config.recompile_limit = max(dynamo_config.recompile_limit, RECOMPILE_LIMIT)
+    dynamo_config.specialize_float = True
+
+
+def serve_compiled(module: nn.Module, run: Callable[[Any, list[Any]], list[Any]],
+                   items: list[Any]) -> tuple[Any, str | None]:
+    """``module`` compiled, warmed up on ``items`` and settled, each step kept only where it checks out.
+
+    ``run(module, items)`` gives one output tensor per item. Returns the module to serve and, where it is
+    not compiled, why (one sentence, also logged): compiling switched off or impossible here, or compiled
+    outputs on ``items`` that do not match eager ones. A settled module whose outputs differ from dynamo's
+    is served through dynamo (logged; still compiled).
+    """
+    problem = compiler_problem() if switches.enabled("compile") else "the compile speed-up is switched off"
+    if problem is not None:
+        return module, problem
+    probe = items[:8]
+    eager = run(module, probe)
+    compiled = compile_module(module, probe=lambda m: run(m, items[:2]))
+    warm_up(lambda batch: run(compiled, batch), items)
+    worst = _worst_cosine(eager, run(compiled, probe))
+    if worst < COMPILE_MIN_COSINE:
+        from ..layers import set_graph_form
+
+        set_graph_form(module, False)
+        why = f"compiled outputs differ from eager ones on the probe (worst cosine {worst:.4f})"
+        log.warning("event=compile_fallback reason=%r", why)
+        return module, why
+    if not switches.enabled("settled"):
+        return compiled, None
+    settled = Settled(compiled)
+    reference = run(compiled, probe)
+    run(settled, probe)  # the first call of a signature goes through dynamo and records its graph call
+    if not all(torch.equal(a, b) for a, b in zip(reference, run(settled, probe))):
+        log.warning("event=settled_fallback reason='settled graph calls differ from dynamo on the probe'")
+        return compiled, None
+    return settled, None
+
+
+COMPILE_MIN_COSINE = 0.995  # int8 compiled vs eager: fused quantization rounds a few activations the other way
+
+
+def _worst_cosine(reference: list[Any], output: list[Any]) -> float:
+    a = torch.stack([r.float().flatten() for r in reference])
+    b = torch.stack([o.float().flatten() for o in output])
+    return float(torch.nn.functional.cosine_similarity(a, b, dim=-1).min())
 
 
 class _Graphs:
@@ -121,7 +179,8 @@ class _Graphs:
         import torch._inductor.config as inductor_config
         from torch._inductor.compile_fx import compile_fx
 
-        with inductor_config.patch(post_grad_custom_pre_pass=_merge_pass()):
+        passes = {"post_grad_custom_pre_pass": _merge_pass()} if switches.enabled("merge_pass") else {}
+        with inductor_config.patch(**passes):
             compiled = compile_fx(gm, example_inputs)
         self.compiles += 1
 
