@@ -1,7 +1,7 @@
 """A real service on 127.0.0.1 for benchmarks and tests: in a thread of this process, or as its own process.
 
 ``python -m service`` in a subprocess is what users run (signals, exit status, its own memory);
-the thread server lets a test reach into the app (its registry, its variants) while calling it over HTTP.
+the thread server lets a test reach into the app (its catalog, its variants) while calling it over HTTP.
 """
 
 from __future__ import annotations

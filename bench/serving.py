@@ -33,7 +33,8 @@ from bench import loadgen  # noqa: E402
 from bench.live import ServiceProcess, free_port, poll_until_ok, stop  # noqa: E402
 from bench.results import machine_summary, publish  # noqa: E402
 from quantization.texts import eval_texts  # noqa: E402
-from service.app import create_app  # noqa: E402
+from service.builder import build_catalog  # noqa: E402
+from service.metrics import Metrics  # noqa: E402
 from service.config import BatchingConfig, load_settings  # noqa: E402
 
 MODELS = {"minilm": "/v1/embed", "intent": "/v1/classify"}
@@ -42,7 +43,7 @@ CONCURRENCY = [1, 8, 32]
 BATCH = 32
 
 
-def in_process(registry: Any, texts: list[str], rounds: int) -> dict[tuple[str, str], dict[str, list[float]]]:
+def in_process(catalog: Any, texts: list[str], rounds: int) -> dict[tuple[str, str], dict[str, list[float]]]:
     """Per (model, variant): single-sentence call seconds, and batch-of-32 sentences/s per round.
 
     Variants take turns within each round, so drift on a shared machine hits them alike.
@@ -51,7 +52,7 @@ def in_process(registry: Any, texts: list[str], rounds: int) -> dict[tuple[str, 
     out: dict[tuple[str, str], dict[str, list[float]]] = {}
     for _ in range(rounds):
         for model in MODELS:
-            served = registry.models[model]
+            served = catalog.models[model]
             run, tok = served.task.run, served.task.tokenize
             for name in VARIANTS:
                 module = served.variants[name].module
@@ -166,17 +167,16 @@ def main() -> int:
     try:
         print("building the variants in-process (the service builds its own meanwhile) ...", file=sys.stderr)
         settings = load_settings(probe_texts=8)  # the default config, as the service process loads it
-        app = create_app(settings)
-        app.state.registry.build()
+        catalog = build_catalog(settings, Metrics())
         ready_s = service.wait_ready()
         print("timing in-process baselines ...", file=sys.stderr)
-        base = in_process(app.state.registry, texts, rounds)
+        base = in_process(catalog, texts, rounds)
         rows = load(url, service.port, texts, seconds, warmup)
         service.stop()
         print("starting the LitServe peer ...", file=sys.stderr)
         rows += run_peer(texts, seconds, warmup, settings.batching)  # the peer batches as the service does
         print("timing in-process baselines again ...", file=sys.stderr)
-        for key, s in in_process(app.state.registry, texts, rounds).items():
+        for key, s in in_process(catalog, texts, rounds).items():
             base[key]["single_s"] += s["single_s"]
             base[key]["batched_per_s"] += s["batched_per_s"]
     finally:

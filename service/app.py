@@ -16,7 +16,9 @@ from .errors import install_error_handlers
 from .fastroutes import FastRoutes
 from .metrics import Metrics
 from .middleware import ApiKeyMiddleware, BodyGuardMiddleware, Lifecycle, RequestContextMiddleware
-from .registry import Registry, StartupError
+from .builder import VariantBuilder
+from .catalog import Catalog, StartupError
+from .engine import Engine
 from .schemas import COMMON_ERRORS
 from .serving import Serving
 
@@ -32,23 +34,27 @@ def create_app(settings: Settings, on_startup_failure: Callable[[str], None] | N
     the inference routes to FastAPI's own request handling (the reference the fast path is tested against).
     """
     metrics = Metrics()
-    registry = Registry(settings, metrics)
-    serving = Serving(registry)
+    catalog = Catalog(settings, metrics)
+    engine = Engine(settings, metrics)
+    serving = Serving(catalog, engine)
 
     async def build() -> None:
         try:
-            await asyncio.get_running_loop().run_in_executor(registry.lane.executor, registry.build)
-            await registry.start_batchers()
-            log.info("event=ready models=%s", ",".join(registry.models))
+            # every model call runs on the engine's one lane thread, the builder's included
+            await asyncio.get_running_loop().run_in_executor(engine.lane.executor, VariantBuilder(catalog).build)
+            await engine.start(catalog)
+            catalog.ready = True
+            metrics.ready.set(1)
+            log.info("event=ready models=%s", ",".join(catalog.models))
         except StartupError as exc:
-            registry.error = str(exc)
+            catalog.error = str(exc)
         except Exception as exc:  # anything else is a bug, but must still stop start-up visibly
             log.exception("event=startup_crashed")
-            registry.error = f"start-up failed: {type(exc).__name__}: {exc}"
-        if registry.error:
-            log.error("event=startup_failed error=%r", registry.error)
+            catalog.error = f"start-up failed: {type(exc).__name__}: {exc}"
+        if catalog.error:
+            log.error("event=startup_failed error=%r", catalog.error)
             if on_startup_failure:
-                on_startup_failure(registry.error)
+                on_startup_failure(catalog.error)
 
     @contextlib.asynccontextmanager
     async def lifespan(app: FastAPI):
@@ -60,12 +66,15 @@ def create_app(settings: Settings, on_startup_failure: Callable[[str], None] | N
             with contextlib.suppress(asyncio.CancelledError, Exception):
                 await task
             await serving.drain_shadow()
-            await registry.stop()
+            catalog.ready = False
+            metrics.ready.set(0)
+            await engine.stop()
 
     app = FastAPI(title="quantserve", version="0.1.0", lifespan=lifespan, responses=COMMON_ERRORS,
                   description="Serves every quantized variant of each model side by side, with live latency, "
                               "memory and fidelity against FP32.")
-    app.state.settings, app.state.metrics, app.state.registry, app.state.serving = settings, metrics, registry, serving
+    app.state.settings, app.state.metrics, app.state.serving = settings, metrics, serving
+    app.state.catalog, app.state.engine = catalog, engine
     app.state.lifecycle = lifecycle = Lifecycle()
     install_error_handlers(app)
     for router in (inference.router, translate.router, models.router, health.router):

@@ -1,12 +1,19 @@
-"""Every Prometheus metric the service exports, defined in one place.
+"""Every Prometheus metric the service exports, defined in one place, and the one sink every measurement goes to.
 
 One prefix (``quantserve_``), base units in the names, labels ``model``, ``task``, ``variant``
 (plus ``endpoint``/``status`` on requests and ``metric``/``source`` on fidelity). Each app owns
 its own registry, so two apps in one process (tests) never clash. Every variant's series exist
 from start-up (:meth:`Metrics.declare_variant`), not only after its first request.
+
+The request path, the batchers and shadow traffic record through the ``record_*`` methods and
+:meth:`Metrics.batch_observer`, which also keep the live figures /v1/models shows (:meth:`Metrics.live`).
 """
 
 from __future__ import annotations
+
+import collections
+from dataclasses import dataclass, field
+from typing import Any, Callable
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 from prometheus_client.process_collector import ProcessCollector
@@ -15,12 +22,26 @@ PREFIX = "quantserve"
 LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.075, 0.1, 0.25, 0.5, 0.75, 1.0, 2.5, 5.0, 10.0)
 BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256)
 VARIANT = ("model", "task", "variant")
+LATENCY_WINDOW = 2048  # the latest requests whose latency /v1/models summarises
+Labels = tuple[str, str, str]  # (model, task, variant)
 ENDPOINTS = {"embed": ("embed", "embeddings", "compare"), "classify": ("classify", "compare"),
              "translate": ("translate", "compare")}
 
 
+@dataclass
+class LiveStats:
+    """A variant's figures since start-up, as /v1/models shows them."""
+
+    latencies: collections.deque = field(default_factory=lambda: collections.deque(maxlen=LATENCY_WINDOW))
+    requests: int = 0
+    inputs: int = 0
+    shadow_inputs: int = 0
+    shadow_sum: float = 0.0
+
+
 class Metrics:
     def __init__(self) -> None:
+        self._live: dict[Labels, LiveStats] = {}
         r = self.registry = CollectorRegistry(auto_describe=True)
         ProcessCollector(registry=r)  # process_resident_memory_bytes, cpu seconds, open fds
         self.requests = Counter(f"{PREFIX}_requests_total", "HTTP requests answered, by status code",
@@ -83,6 +104,64 @@ class Metrics:
                 self.fidelity.labels(*labels, name, "startup").set(value)
         self.info.labels(*labels, strategy, runtime, source).set(1)
         self.degraded.labels(*labels).set(0)
+
+    # -- the sink ------------------------------------------------------------------------------
+    def record_request(self, labels: Labels, endpoint: str, status: str, seconds: float, inputs: int) -> None:
+        """One request answered (or refused) by the request path."""
+        self.requests.labels(*labels, endpoint, status).inc()
+        if status == "200":
+            self.request_seconds.labels(*labels, endpoint).observe(seconds)
+            live = self._stats(labels)
+            live.latencies.append(seconds)
+            live.requests += 1
+            live.inputs += inputs
+
+    def record_queue(self, labels: Labels, seconds: float) -> None:
+        self.queue_seconds.labels(*labels).observe(seconds)
+
+    def batch_observer(self, labels: Labels, module: Any) -> Callable[[int, int, float], None]:
+        """What a variant's batcher calls after each batch: its size, token cost and seconds."""
+        seen = {"late_compiles": getattr(module, "late_compiles", 0)}
+
+        def on_batch(size: int, cost: int, seconds: float) -> None:
+            self.batch_size.labels(*labels).observe(size)
+            self.inference_seconds.labels(*labels).observe(seconds)
+            self.inputs.labels(*labels).inc(size)
+            self.tokens.labels(*labels).inc(cost)
+            late = getattr(module, "late_compiles", 0)  # a compiled variant's count (internals.compiled.Settled)
+            if late > seen["late_compiles"]:
+                self.late_compiles.labels(*labels).inc(late - seen["late_compiles"])
+                seen["late_compiles"] = late
+
+        return on_batch
+
+    def record_shadow(self, labels: Labels, metric: str, agreements: list[float]) -> tuple[float, int]:
+        """Per-input agreements of a shadow comparison; the running mean and count since start-up."""
+        live = self._stats(labels)
+        live.shadow_inputs += len(agreements)
+        live.shadow_sum += sum(agreements)
+        mean = live.shadow_sum / live.shadow_inputs
+        self.fidelity.labels(*labels, metric, "shadow").set(mean)
+        self.shadow_comparisons.labels(*labels).inc(len(agreements))
+        return mean, live.shadow_inputs
+
+    def record_shadow_shed(self, labels: Labels) -> None:
+        self.shadow_shed.labels(*labels).inc()
+
+    def live(self, *labels: str) -> dict[str, Any]:
+        s = self._stats(labels)  # type: ignore[arg-type]
+        xs = sorted(s.latencies)
+        pick = lambda q: round(xs[min(len(xs) - 1, int(q * len(xs)))], 6) if xs else None  # noqa: E731
+        return {"shadow_agreement": {"inputs": s.shadow_inputs,
+                                     "mean": s.shadow_sum / s.shadow_inputs if s.shadow_inputs else None},
+                "requests": s.requests, "inputs": s.inputs,
+                "latency_seconds": {"p50": pick(0.50), "p90": pick(0.90), "p99": pick(0.99)}}
+
+    def _stats(self, labels: Labels) -> LiveStats:
+        live = self._live.get(labels)
+        if live is None:
+            live = self._live[labels] = LiveStats()
+        return live
 
     def declare_cpu(self, prof) -> None:
         self.cpu.labels(prof.vendor, prof.model, prof.arch, prof.isa, ",".join(prof.features), str(prof.threads),

@@ -1,8 +1,8 @@
 """python -m service.prebuild --artifacts-dir DIR [--config FILE]: build, save and check every variant, then exit.
 
 The container image runs this at build time, so a pod loads saved artifacts at start-up instead
-of calibrating and quantizing again; the same code path as the server's start-up (the registry)
-builds them, so what is saved is exactly what the server would have made.
+of calibrating and quantizing again; the same code path as the server's start-up
+builds them (service.builder), so what is saved is exactly what the server would have made.
 """
 
 from __future__ import annotations
@@ -12,8 +12,9 @@ import logging
 import sys
 
 from .config import ConfigError, load_settings
+from .builder import build_catalog
+from .catalog import StartupError
 from .metrics import Metrics
-from .registry import Registry, StartupError
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -24,12 +25,11 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level="INFO", stream=sys.stderr, format="%(asctime)s level=%(levelname)s %(message)s")
     try:
         settings = load_settings(args.config, artifacts_dir=args.artifacts_dir)
-        registry = Registry(settings, Metrics())
-        registry.build()
+        catalog = build_catalog(settings, Metrics())
     except (ConfigError, StartupError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 1
-    for served in registry.models.values():
+    for served in catalog.models.values():
         for v in served.variants.values():
             print(f"{served.name}/{v.name}: {v.config.strategy} fidelity={v.fidelity}")
     return 0

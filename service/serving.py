@@ -15,15 +15,18 @@ from . import context, gate
 from .batching import BatcherClosed, BatchResult, QueueFull, Shed
 from .errors import (ClientGone, DeadlineExceeded, InferenceFailed, InvalidInput, NotReady, Overloaded,
                      ServiceError, ShuttingDown)
-from .registry import Registry, ServedModel, Variant
+from .catalog import BuiltVariant, Catalog, CatalogModel
+from .engine import Engine
 
 log = logging.getLogger("service.serving")
 
 
 @dataclass
-class Served:
-    model: ServedModel
-    variant: Variant
+class InferenceResult:
+    """What one request got from its variant: outputs in input order, with what it cost."""
+
+    model: CatalogModel
+    variant: BuiltVariant
     outputs: list[Any]
     tokens: int
     truncated: list[int]
@@ -31,22 +34,23 @@ class Served:
 
 
 class Serving:
-    def __init__(self, registry: Registry) -> None:
-        self.registry = registry
-        self.metrics = registry.metrics
+    def __init__(self, catalog: Catalog, engine: Engine) -> None:
+        self.catalog = catalog
+        self.engine = engine
+        self.metrics = engine.metrics
         self._shadow_tasks: set[asyncio.Task] = set()
 
     def resolve(self, model: str | None, task: str, pinned: str | None, request_key: str | None
-                ) -> tuple[ServedModel, Variant]:
-        if not self.registry.ready:
-            raise NotReady(self.registry.error or "models are still loading; retry shortly",
+                ) -> tuple[CatalogModel, BuiltVariant]:
+        if not self.catalog.ready:
+            raise NotReady(self.catalog.error or "models are still loading; retry shortly",
                            headers={"Retry-After": "5"})
-        served = self.registry.get(model, task)
+        served = self.catalog.get(model, task)
         return served, served.variants[served.router.choose(pinned, request_key)]
 
     def check_limits(self, texts: list[str], field: str = "inputs") -> None:
         """The configured limits (the request schema only holds the hard ceilings)."""
-        limits = self.registry.settings.limits
+        limits = self.catalog.settings.limits
         if len(texts) > limits.max_inputs:
             raise InvalidInput(f"{field}: {len(texts)} inputs, more than the limit of {limits.max_inputs} per request "
                                f"(limits.max_inputs); split the request", fields=[{"field": field, "message":
@@ -57,33 +61,29 @@ class Serving:
                                    f"(limits.max_chars)", fields=[{"field": f"{field}.{i}", "message":
                                                                    f"at most {limits.max_chars} characters"}])
 
-    async def infer(self, served: ServedModel, variant: Variant, texts: list[str], endpoint: str,
+    async def infer(self, served: CatalogModel, variant: BuiltVariant, texts: list[str], endpoint: str,
                     shadow: bool = True, truncation: str | None = None, field: str = "inputs",
-                    options: dict[str, Any] | None = None) -> Served:
+                    options: dict[str, Any] | None = None) -> InferenceResult:
         """Tokenize, queue on the variant's batcher and wait, within the request's deadline, for the outputs.
 
         ``options``: task-specific tokenize options (translate: beam_size, max_new_tokens).
         """
-        labels = (served.name, served.config.task, variant.name)
+        labels = served.labels(variant.name)
         start = time.perf_counter()
         status = "200"
         try:
             self.check_limits(texts, field)
-            encoded = self._encode(served, texts, truncation or self.registry.settings.limits.truncation, field,
+            encoded = self._encode(served, texts, truncation or self.catalog.settings.limits.truncation, field,
                                    options or {})
             batch = await self._submit(served, variant, encoded.items)
         except ServiceError as exc:
             status = str(exc.status)
             raise
         finally:
-            elapsed = time.perf_counter() - start
-            self.metrics.requests.labels(*labels, endpoint, status).inc()
-            if status == "200":
-                self.metrics.request_seconds.labels(*labels, endpoint).observe(elapsed)
-        self.metrics.queue_seconds.labels(*labels).observe(batch.queue_seconds)
-        variant.record_latency(elapsed, len(texts))
+            self.metrics.record_request(labels, endpoint, status, time.perf_counter() - start, len(texts))
+        self.metrics.record_queue(labels, batch.queue_seconds)
         items = encoded.items
-        result = Served(served, variant, batch.outputs, sum(len(i) for i in items), encoded.truncated, batch)
+        result = InferenceResult(served, variant, batch.outputs, sum(len(i) for i in items), encoded.truncated, batch)
         if shadow:
             target = served.router.shadow_target(variant.name)
             if target is not None:
@@ -91,7 +91,7 @@ class Serving:
         return result
 
     @staticmethod
-    def _encode(served: ServedModel, texts: list[str], truncation: str, field: str, options: dict[str, Any]):
+    def _encode(served: CatalogModel, texts: list[str], truncation: str, field: str, options: dict[str, Any]):
         try:
             return served.task.encode(texts, truncation, **options)
         except InputTooLong as exc:
@@ -101,7 +101,7 @@ class Serving:
                                fields=[{"field": f"{field}.{i}", "message": f"over {limit} tokens"}
                                        for i in exc.indices]) from None
 
-    async def _submit(self, served: ServedModel, variant: Variant, items: list[list[int]]) -> BatchResult:
+    async def _submit(self, served: CatalogModel, variant: BuiltVariant, items: list[list[int]]) -> BatchResult:
         """Wait for the batcher; a passed deadline or a gone client cancels the wait, which unqueues the items."""
         ctx = context.current()
         if ctx is None:  # called outside an HTTP request (tests, tools): no deadline
@@ -127,12 +127,12 @@ class Serving:
         log.warning("event=deadline_exceeded model=%s variant=%s", served.name, variant.name)
         raise DeadlineExceeded(f"no answer within the request's deadline of {ctx.deadline - ctx.started:.3f} s; "
                                f"retry later, send fewer inputs or raise X-Request-Timeout (server limit "
-                               f"{self.registry.settings.limits.request_timeout_s:g} s)")
+                               f"{self.catalog.settings.limits.request_timeout_s:g} s)")
 
-    async def _batch(self, served: ServedModel, variant: Variant, items: list[list[int]],
+    async def _batch(self, served: CatalogModel, variant: BuiltVariant, items: list[list[int]],
                      request_id: str | None) -> BatchResult:
         try:
-            return await variant.batcher.submit(items, tag=request_id)
+            return await self.engine.batcher(served.name, variant.name).submit(items, tag=request_id)
         except QueueFull as exc:
             retry = max(1, round(exc.retry_after_s))
             raise Overloaded(f"variant {variant.name!r} of {served.name!r} has a full queue; retry in {retry} s",
@@ -150,7 +150,7 @@ class Serving:
         self._shadow_tasks.add(task)
         task.add_done_callback(self._shadow_tasks.discard)
 
-    async def _shadow(self, served: ServedModel, variant: Variant, target: Variant, items: list[list[int]],
+    async def _shadow(self, served: CatalogModel, variant: BuiltVariant, target: BuiltVariant, items: list[list[int]],
                       outputs: list[Any]) -> None:
         """Run the same inputs on ``target`` off the response path and record agreement.
 
@@ -158,28 +158,22 @@ class Serving:
         """
         task = served.task
         subject = target if variant.name == served.config.baseline else variant
-        labels = (served.name, task.name, subject.name)
+        labels = served.labels(subject.name)
         try:
-            other = await target.batcher.submit(items, background=True)
+            other = await self.engine.batcher(served.name, target.name).submit(items, background=True)
         except Shed:  # served traffic kept the model busy: expected under load, counted, not logged
-            self.metrics.shadow_shed.labels(*labels).inc()
+            self.metrics.record_shadow_shed(labels)
             return
         except Exception:  # shadow traffic must never hurt served traffic
             log.warning("event=shadow_skipped model=%s variant=%s target=%s", served.name, variant.name, target.name)
             return
         ref, out = (outputs, other.outputs) if subject is target else (other.outputs, outputs)
-        for r, o in zip(ref, out):
-            subject.shadow["n"] += 1
-            subject.shadow["sum"] += task.agreement(r, o)
         metric = task.agreement_metric
-        mean = subject.shadow["sum"] / subject.shadow["n"]
-        self.metrics.fidelity.labels(*labels, metric, "shadow").set(mean)
-        self.metrics.shadow_comparisons.labels(*labels).inc(len(ref))
-        if subject.degraded is None and subject.name != served.config.baseline:
-            reason = gate.live_problem(subject.name, metric, mean, int(subject.shadow["n"]), served.config.bound,
-                                       self.registry.settings.gate)
+        mean, n = self.metrics.record_shadow(labels, metric, [task.agreement(r, o) for r, o in zip(ref, out)])
+        if subject.name not in served.router.degraded and subject.name != served.config.baseline:
+            reason = gate.live_problem(subject.name, metric, mean, n, served.config.bound, self.catalog.settings.gate)
             if reason is not None:
-                self.registry.degrade(served, subject, reason)
+                self.catalog.degrade(served, subject.name, reason)
 
     async def drain_shadow(self) -> None:
         if self._shadow_tasks:

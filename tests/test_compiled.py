@@ -7,7 +7,6 @@ import gc
 import os
 import subprocess
 import sys
-from types import SimpleNamespace
 
 import httpx
 import torch
@@ -18,7 +17,7 @@ from quantization.fidelity import fidelity
 from quantization.layers import share_input_gemms
 from quantization.pipeline import quantize_model
 from service.metrics import Metrics
-from service.registry import Registry, _observer
+from service.builder import build_catalog
 from service.config import load_settings
 from live_service import running_service
 
@@ -37,7 +36,7 @@ models:
 
 def test_importing_the_library_leaves_the_kernel_cache_location_alone():
     # torch._inductor sets TORCHINDUCTOR_CACHE_DIR when imported; the service must still be able to choose it
-    code = "import os, quantization.internals.compiled, service.registry; assert 'TORCHINDUCTOR_CACHE_DIR' not in os.environ"
+    code = "import os, quantization.internals.compiled, service.builder; assert 'TORCHINDUCTOR_CACHE_DIR' not in os.environ"
     env = {k: v for k, v in os.environ.items() if k != "TORCHINDUCTOR_CACHE_DIR"}
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, env=env)
     assert out.returncode == 0, out.stderr[-2000:]
@@ -160,7 +159,7 @@ def test_settled_modules_call_their_own_graph_directly_for_every_shape(minilm, t
     # an input no warmed graph fits (tensors made outside inference mode) compiles late instead of failing
     batch = {k: v.clone() for k, v in minilm.tokenizer(texts[:3], padding=True, return_tensors="pt").items()}
     metrics = Metrics()  # the service counts them per variant after each batch
-    on_batch = _observer(metrics, SimpleNamespace(model="minilm", task="embed", name="int8", module=settled[0]))
+    on_batch = metrics.batch_observer(("minilm", "embed", "int8"), settled[0])
     with torch.inference_mode():
         got = settled[0](**batch)
         assert settled[0].late_compiles == 1 and torch.equal(got, compiled[0](**batch))
@@ -203,8 +202,7 @@ def test_without_a_compiler_the_variant_serves_eager_and_says_why(tmp_path, monk
     monkeypatch.setenv("CXX", "no-such-c++-compiler")
     path = tmp_path / "config.yaml"
     path.write_text(CONFIG)
-    registry = Registry(load_settings(path, probe_texts=8), Metrics())
-    registry.build()
+    registry = build_catalog(load_settings(path, probe_texts=8), Metrics())
     v = registry.models["minilm"].variants["int8"]
     assert not v.compiled and v.runtime == "torch" and not is_compiled(v.module)
     assert "no-such-c++-compiler" in v.compile_problem and "compile: false" in v.compile_problem

@@ -155,7 +155,7 @@ def test_the_gate_names_a_slow_or_unfaithful_variant_in_one_sentence():
 def test_a_variant_below_its_bound_is_degraded_and_unpinned_traffic_goes_to_fp32(tmp_path):
     from service.config import load_settings
     from service.metrics import Metrics
-    from service.registry import Registry
+    from service.builder import build_catalog
 
     config = tmp_path / "gate.yaml"
     config.write_text(textwrap.dedent("""
@@ -170,14 +170,13 @@ def test_a_variant_below_its_bound_is_degraded_and_unpinned_traffic_goes_to_fp32
             routing: {default: int8, split: {int8: 1.0, fp32: 0.0}}
     """))
     metrics = Metrics()
-    registry = Registry(load_settings(config, probe_texts=16), metrics)
-    registry.build()
+    registry = build_catalog(load_settings(config, probe_texts=16), metrics)
     served = registry.models["minilm"]
-    int8 = served.variants["int8"]
-    assert int8.degraded and "below its fidelity bound" in int8.degraded and "mean_cosine" in int8.degraded
+    why = served.router.degraded.get("int8")
+    assert why and "below its fidelity bound" in why and "mean_cosine" in why
     assert served.router.default == "fp32" and all(served.router.choose() == "fp32" for _ in range(20))
     assert served.router.choose("int8") == "int8"  # pinned requests still reach it
-    described = served.describe()["variants"][1]
+    described = registry.describe(served)["variants"][1]
     assert described["state"] == "degraded" and described["kernels"]["kernel"]["batch"] in kernels.KERNELS
     assert set(described["speed_vs_baseline"]) == {"batch_1", "batch_16"}
     text = metrics.render().decode()
@@ -187,11 +186,10 @@ def test_a_variant_below_its_bound_is_degraded_and_unpinned_traffic_goes_to_fp32
     assert "quantserve_cpu_info{" in text and f'isa="{cpu.profile().isa}"' in text
 
     # gate.action: stop refuses to start, with the sentence
-    from service.registry import StartupError
+    from service.catalog import StartupError
 
-    stop = Registry(load_settings(config, probe_texts=16, gate={"action": "stop"}), Metrics())
     with pytest.raises(StartupError, match="below its fidelity bound.*set gate.action to fallback or serve"):
-        stop.build()
+        build_catalog(load_settings(config, probe_texts=16, gate={"action": "stop"}), Metrics())
 
 
 @pytest.mark.slow
@@ -305,7 +303,7 @@ def test_half_precision_without_native_kernels_stores_half_and_computes_in_fp32(
 def test_strategy_auto_picks_the_fastest_faithful_candidate_and_says_why(tmp_path):
     from service.config import ConfigError, load_settings
     from service.metrics import Metrics
-    from service.registry import Registry
+    from service.builder import build_catalog
 
     config = tmp_path / "auto.yaml"
     config.write_text(textwrap.dedent("""
@@ -329,8 +327,7 @@ def test_strategy_auto_picks_the_fastest_faithful_candidate_and_says_why(tmp_pat
                 params: {candidates: [{strategy: dynamic-int8, params: {act_granularity: tensor}},
                                       {strategy: weight-only-int8}]}
     """))
-    registry = Registry(load_settings(config, probe_texts=16, artifacts_dir=tmp_path / "artifacts"), Metrics())
-    registry.build()
+    registry = build_catalog(load_settings(config, probe_texts=16, artifacts_dir=tmp_path / "artifacts"), Metrics())
     v = registry.models["minilm"].variants["int8"]
     record = v.auto
     assert [c["label"] for c in record["candidates"]] == ["dynamic-int8", "weight-only-int8"]
@@ -342,16 +339,15 @@ def test_strategy_auto_picks_the_fastest_faithful_candidate_and_says_why(tmp_pat
     if not winner["slower"]:
         others = [c for c in record["candidates"] if not c["chosen"] and not c["slower"]]
         assert all(winner["speed"]["batch_16"]["time_x"] <= c["speed"]["batch_16"]["time_x"] for c in others)
-    described = registry.models["minilm"].describe()["variants"][1]
+    described = registry.describe(registry.models["minilm"])["variants"][1]
     assert described["configured_strategy"] == "auto" and described["strategy"] == winner["strategy"]
     # no candidate meets an impossible bound: the most faithful is kept, and the gate degrades it
     strict = registry.models["strict"].variants["int8"]
     assert "no candidate meets the fidelity bound" in strict.auto["why"]
     assert strict.strategy == "weight-only-int8"  # per-tensor activations are far less faithful
-    assert strict.degraded and registry.models["strict"].router.default == "fp32"
+    assert registry.models["strict"].router.degraded.get("int8") and registry.models["strict"].router.default == "fp32"
     # a restart on the same CPU reuses the selection (and the winner's artifact)
-    again = Registry(load_settings(config, probe_texts=16, artifacts_dir=tmp_path / "artifacts"), Metrics())
-    again.build()
+    again = build_catalog(load_settings(config, probe_texts=16, artifacts_dir=tmp_path / "artifacts"), Metrics())
     assert any("event=auto_reused model=minilm" in line for line in again.progress)
     assert again.models["minilm"].variants["int8"].strategy == v.strategy
     assert again.models["minilm"].variants["int8"].loaded_from_artifact

@@ -24,7 +24,8 @@ from service.app import create_app
 from service.config import ConfigError, load_settings
 from service.context import RequestIdFilter
 from service.metrics import Metrics
-from service.registry import Registry, StartupError
+from service.builder import build_catalog
+from service.catalog import StartupError
 
 LONG = "the quick brown fox jumps over the lazy dog " * 40  # ~360 tokens: over minilm's 64 here
 J = {"Content-Type": "application/json"}
@@ -113,7 +114,7 @@ def test_long_inputs_are_truncated_by_default_and_reported(hostile_server):
     base, app = hostile_server
     r = httpx.post(f"{base}/v1/embed", json={"inputs": ["short", LONG], "variant": "fp32"})
     assert r.status_code == 200 and r.json()["usage"]["truncated"] == [1]
-    served = app.state.registry.models["minilm"]
+    served = app.state.catalog.models["minilm"]
     items = served.task.tokenize(["short", LONG])
     assert [len(i) for i in items][1] == 64  # cut to the model's limit, [SEP] kept
     assert items[1][-1] == served.task_model.tokenizer.sep_token_id
@@ -146,7 +147,7 @@ def test_a_variant_that_fails_to_build_stops_start_up_by_default(tmp_path):
     (tmp_path / "nothing-here").mkdir()
     (tmp_path / "nothing-here" / "manifest.json").write_text("[]")
     with pytest.raises(StartupError) as err:
-        Registry(load_settings(path, probe_texts=4), Metrics()).build()
+        build_catalog(load_settings(path, probe_texts=4), Metrics())
     assert "model 'm' variant 'int8'" in str(err.value) and "\n" not in str(err.value)
 
 
@@ -160,8 +161,8 @@ def test_request_ids_are_echoed_or_made_and_name_every_log_line_about_the_reques
     service_logger = logging.getLogger("service")
     level = service_logger.level
     service_logger.setLevel(logging.INFO)
-    served = app.state.registry.models["minilm"]
-    batcher = served.variants["fp32"].batcher
+    served = app.state.catalog.models["minilm"]
+    batcher = app.state.engine.batcher(served.name, "fp32")
     real = batcher._run_batch
     poison = served.task.tokenize(["poison pill"])[0]
 
@@ -205,7 +206,7 @@ def _inputs_total(base: str, variant: str) -> float:
 
 def _busy(base: str, app, n: int = 64) -> threading.Thread:
     """Occupy minilm/fp32's worker: n long inputs, in batches of 16; returns once the rest is queued."""
-    batcher = app.state.registry.models["minilm"].variants["fp32"].batcher
+    batcher = app.state.engine.batcher("minilm", "fp32")
 
     def run():
         httpx.post(f"{base}/v1/embed", json={"inputs": [f"{i} {LONG}" for i in range(n)], "variant": "fp32"},
@@ -236,7 +237,7 @@ def test_a_passed_deadline_answers_504_and_its_work_never_runs(hostile_server):
 
 def test_a_client_that_disconnects_has_its_queued_work_dropped(hostile_server):
     base, app = hostile_server
-    batcher = app.state.registry.models["minilm"].variants["fp32"].batcher
+    batcher = app.state.engine.batcher("minilm", "fp32")
     before = _inputs_total(base, "fp32")
     busy = _busy(base, app)
     body = _raw({"inputs": ["gone one", "gone two", "gone three"], "variant": "fp32"})
@@ -256,7 +257,7 @@ def test_a_client_that_disconnects_has_its_queued_work_dropped(hostile_server):
 
 def test_overload_gets_429_with_retry_after_never_a_timeout_and_answers_stay_correct(hostile_server):
     base, app = hostile_server
-    served = app.state.registry.models["minilm"]
+    served = app.state.catalog.models["minilm"]
     texts = [f"request number {i} asks about topic {i % 7}" for i in range(120)]
     ref = torch.stack(served.task.run(served.variants["fp32"].module, served.task.tokenize(texts)))
 

@@ -15,7 +15,8 @@ from quantization.models import load_task_model
 from service.app import create_app
 from service.config import load_settings
 from service.metrics import Metrics
-from service.registry import Registry, StartupError
+from service.builder import build_catalog
+from service.catalog import StartupError
 
 pytestmark = pytest.mark.slow
 TINY = TrainConfig(epochs=1, batch_size=16, max_train=48, evals_per_epoch=1)
@@ -47,7 +48,7 @@ def test_the_default_config_serves_sentiment_with_the_qat_variant_from_its_direc
     only = settings.model_copy(update={"models": [sentiment]})
     app = create_app(only)
     with thread_server(app) as (base, _):
-        served = app.state.registry.models["sentiment"]
+        served = app.state.catalog.models["sentiment"]
         assert served.variants["qat-int8"].loaded_from_artifact
         assert not served.variants["static-int8"].loaded_from_artifact
         texts = ["A moving, beautifully acted film.", "Dull, lifeless and far too long."]
@@ -64,6 +65,5 @@ def test_without_its_qat_variant_start_up_says_to_run_finetune_qat(models_dir, t
     monkeypatch.setenv("QUANTIZATION_MODELS_DIR", str(tmp_path))
     settings = load_settings(probe_texts=8)
     sentiment = next(m for m in settings.models if m.name == "sentiment")
-    registry = Registry(settings.model_copy(update={"models": [sentiment]}), Metrics())
     with pytest.raises(StartupError, match=r"python -m quantization finetune --qat"):
-        registry.build()
+        build_catalog(settings.model_copy(update={"models": [sentiment]}), Metrics())

@@ -28,7 +28,7 @@ def server():
 
 
 def direct(app, model: str, variant: str, texts: list[str]) -> torch.Tensor:
-    served = app.state.registry.models[model]
+    served = app.state.catalog.models[model]
     return torch.stack(served.task.run(served.variants[variant].module, served.task.tokenize(texts)))
 
 
@@ -184,7 +184,7 @@ def test_bad_input_gets_a_json_error_naming_the_field_or_the_choices(server, pat
 
 def test_shadow_traffic_records_agreement_off_the_response_path(server):
     base, app, _ = server
-    router = app.state.registry.models["minilm"].router
+    router = app.state.catalog.models["minilm"].router
     router.shadow = 1.0  # every request shadows for this test
     try:
         for t in eval_texts()[:8]:
@@ -263,7 +263,8 @@ def test_the_fast_routes_answer_exactly_as_fastapi_does(server):
     """
     base, app, _ = server
     reference = create_app(app.state.settings, fast_routes=False)
-    reference.state.registry, reference.state.serving = app.state.registry, app.state.serving
+    reference.state.catalog, reference.state.engine = app.state.catalog, app.state.engine
+    reference.state.serving = app.state.serving
 
     def normalised(r: httpx.Response):
         body = r.json()

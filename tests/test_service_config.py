@@ -116,15 +116,14 @@ def test_shadow_samples_the_configured_fraction_onto_the_baseline():
 
 def test_restart_with_artifacts_loads_saved_variants_instead_of_quantizing(tmp_path):
     from service.metrics import Metrics
-    from service.registry import Registry
+    from service.builder import build_catalog
 
     path = _write(tmp_path, "models:\n - {name: intent, task: classify, source: intent, variants: "
                             "[{name: fp32, strategy: fp32}, {name: int8, strategy: static-int8}]}\n")
     texts = ["set a timer for ten minutes", "my card was declined at the store", "what's the weather"]
     runs = []
     for _ in range(2):
-        registry = Registry(load_settings(path, artifacts_dir=str(tmp_path / "artifacts"), probe_texts=16), Metrics())
-        registry.build()
+        registry = build_catalog(load_settings(path, artifacts_dir=str(tmp_path / "artifacts"), probe_texts=16), Metrics())
         served = registry.models["intent"]
         v = served.variants["int8"]
         runs.append((v.loaded_from_artifact, v.quantization_seconds, v.fidelity,

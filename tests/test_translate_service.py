@@ -83,7 +83,7 @@ def test_compare_shows_fp32_int8_and_native_with_identical_share_and_chrf(server
 def test_concurrent_requests_each_get_their_own_translation(server):
     base, app = server
     texts = translation_texts("pt")[:16]
-    served = app.state.registry.models["pt-en"]
+    served = app.state.catalog.models["pt-en"]
     alone = [served.task.run(served.variants["fp32"].module, served.task.tokenize([t]))[0].text for t in texts]
 
     async def go():

@@ -5,7 +5,7 @@ from __future__ import annotations
 from fastapi import APIRouter, Request, Response
 from fastapi.responses import JSONResponse
 
-from .deps import RegistryDep
+from .deps import CatalogDep
 
 router = APIRouter()
 
@@ -17,13 +17,13 @@ async def livez() -> dict[str, str]:
 
 @router.get("/readyz", summary="200 once every model and variant is built and warmed up; 503 before and while "
                                 "shutting down")
-async def readyz(request: Request, registry: RegistryDep) -> JSONResponse:
+async def readyz(request: Request, catalog: CatalogDep) -> JSONResponse:
     draining = request.app.state.lifecycle.draining
-    ready = registry.ready and not draining
+    ready = catalog.ready and not draining
     body = {"ready": ready, "draining": draining,
-            "models": {m.name: list(m.variants) for m in registry.models.values()},
-            "unavailable": {m.name: m.router.unavailable for m in registry.models.values() if m.router.unavailable},
-            "progress": registry.progress[-5:], "error": registry.error}
+            "models": {m.name: list(m.variants) for m in catalog.models.values()},
+            "unavailable": {m.name: m.router.unavailable for m in catalog.models.values() if m.router.unavailable},
+            "progress": catalog.progress[-5:], "error": catalog.error}
     return JSONResponse(body, status_code=200 if ready else 503, headers=None if ready else {"Retry-After": "5"})
 
 

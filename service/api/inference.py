@@ -67,7 +67,7 @@ async def classify(serving: Serving, req: ClassifyRequest, x_variant: str | None
 @router.post("/compare", response_model=CompareResponse,
              summary="The same inputs through every variant of a model, side by side with FP32 agreement")
 async def compare(req: CompareRequest, serving: ServingDep) -> CompareResponse:
-    configured = {m.name: m.task for m in serving.registry.settings.models}
+    configured = {m.name: m.task for m in serving.catalog.settings.models}
     if req.model not in configured:
         raise UnknownModel(f"no model named {req.model!r}; available: {', '.join(configured)}",
                            available=list(configured))

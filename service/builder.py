@@ -1,193 +1,70 @@
-"""Builds every configured model's variants at start-up and holds them while the service runs.
+"""Builds every configured model's variants at start-up, into the catalog.
 
 For each model: load the FP32 model once; for each variant, load its saved artifact if there is a
 valid one (``artifact`` in the config, or ``artifacts_dir/<model>/<variant>``) or quantize it with
-the library (saving it to ``artifacts_dir`` when set); warm it up; record the seconds it took,
-its stored weight bytes, how much resident memory the process grew by, and its fidelity to the
-FP32 baseline on a built-in probe set. Ready only when all of that is done.
+the library (saving it to ``artifacts_dir`` when set); choose its int8 kernels for this CPU;
+compile it where asked; warm it up; record the seconds it took, its stored weight bytes, how much
+resident memory the process grew by, and its fidelity to the FP32 baseline on a built-in probe
+set; and judge it with the start-up gate. Each variant comes out as an immutable
+:class:`~service.catalog.BuiltVariant`.
 """
 
 from __future__ import annotations
 
-import collections
 import gc
 import logging
 import time
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import psutil
 import torch
 
-from quantization import cpu, tuning
+from quantization import cpu, internals, tuning
 from quantization.artifacts import load_artifact, load_beside, read_manifest, save_artifact, save_beside
-from quantization import internals
-from quantization.internals.compiled import is_compiled, serve_compiled, use_cache_dir
 from quantization.errors import ArtifactError, QuantizationError
+from quantization.internals.compiled import serve_compiled, use_cache_dir
 from quantization.models import load_task_model
-from quantization.task_model import TaskModel
-from quantization.tasks import Task
-from quantization.texts import probe_texts
 from quantization.pipeline import quantize_model
 from quantization.report import serialized_bytes
 from quantization.runtimes import get_runtime
 from quantization.selection import ROUNDS, auto_select, relative_speed
+from quantization.task_model import TaskModel
+from quantization.texts import probe_texts
 
-from .batching import BatchConfig, DynamicBatcher, ModelLane
 from . import gate
+from .catalog import BuiltVariant, Catalog, CatalogModel, StartupError
 from .config import AUTO, ModelConfig, Settings, VariantConfig
-from .errors import UnknownModel
 from .metrics import Metrics
 from .routing import Router
 
-log = logging.getLogger("service.registry")
-LATENCY_WINDOW = 2048
+log = logging.getLogger("service.builder")
 
 
-class StartupError(Exception):
-    """A model or variant could not be built; the message says what and how to fix it."""
+class VariantBuilder:
+    def __init__(self, catalog: Catalog) -> None:
+        self.catalog = catalog
+        self.settings = catalog.settings
+        self.metrics = catalog.metrics
+        self.cpu = catalog.cpu
 
-
-@dataclass
-class Variant:
-    model: str
-    task: str
-    name: str
-    config: VariantConfig
-    module: Any
-    runtime: str
-    quantization_seconds: float
-    loaded_from_artifact: bool
-    weight_bytes: int
-    memory_bytes: int
-    fidelity: dict[str, float]
-    kept: list[str]
-    compile_seconds: float = 0.0
-    compile_problem: str | None = None
-    kernels: dict[str, Any] | None = None      # quantization.tuning's record: the int8 kernels and their times
-    speed: dict[str, Any] | None = None        # time against the baseline at the served shapes (serving gate)
-    degraded: str | None = None                # why the serving gate keeps unpinned traffic off it
-    strategy: str = ""                         # the strategy built (strategy: auto names the one it chose)
-    params: dict[str, Any] = field(default_factory=dict)
-    auto: dict[str, Any] | None = None         # strategy: auto's candidates, their speed and fidelity, and why
-    batcher: DynamicBatcher | None = None
-    latencies: collections.deque = field(default_factory=lambda: collections.deque(maxlen=LATENCY_WINDOW))
-    requests: int = 0
-    inputs: int = 0
-    shadow: dict[str, float] = field(default_factory=lambda: {"n": 0, "sum": 0.0})
-
-    @property
-    def compiled(self) -> bool:
-        return is_compiled(self.module)
-
-    def record_latency(self, seconds: float, inputs: int) -> None:
-        self.latencies.append(seconds)
-        self.requests += 1
-        self.inputs += inputs
-
-    def latency_percentiles(self) -> dict[str, float | None]:
-        if not self.latencies:
-            return {"p50": None, "p90": None, "p99": None}
-        xs = sorted(self.latencies)
-        pick = lambda q: round(xs[min(len(xs) - 1, int(q * len(xs)))], 6)  # noqa: E731
-        return {"p50": pick(0.50), "p90": pick(0.90), "p99": pick(0.99)}
-
-    def describe(self) -> dict[str, Any]:
-        return {
-            "name": self.name, "strategy": self.strategy or self.config.strategy,
-            "params": self.params if self.strategy else self.config.params, "configured_strategy": self.config.strategy,
-            "auto": self.auto,
-            "runtime": self.runtime, "weight_bytes": self.weight_bytes, "memory_bytes": self.memory_bytes,
-            "quantization_seconds": round(self.quantization_seconds, 4),
-            "loaded_from_artifact": self.loaded_from_artifact, "kept_in_fp32": self.kept,
-            "compile": {"asked": self.config.compile, "compiled": self.compiled,
-                        "seconds": round(self.compile_seconds, 2), "problem": self.compile_problem},
-            "startup_fidelity": self.fidelity,
-            "state": "degraded" if self.degraded else "serving", "degraded": self.degraded,
-            "speed_vs_baseline": self.speed, "kernels": tuning.summary(self.kernels),
-            "shadow_agreement": ({"inputs": int(self.shadow["n"]), "mean": self.shadow["sum"] / self.shadow["n"]}
-                                 if self.shadow["n"] else {"inputs": 0, "mean": None}),
-            "requests": self.requests, "inputs": self.inputs,
-            "latency_seconds": self.latency_percentiles(),
-        }
-
-
-@dataclass
-class ServedModel:
-    config: ModelConfig
-    task_model: TaskModel
-    task: Task  # the model's task, bound to it: encodes, runs and answers its requests
-    router: Router
-    variants: dict[str, Variant] = field(default_factory=dict)
-
-    @property
-    def name(self) -> str:
-        return self.config.name
-
-    @property
-    def languages(self) -> str | None:
-        """``src-tgt`` where the task translates: the config's ``languages``, else the model's own."""
-        return self.config.languages or self.task_model.info.get("languages")
-
-    def describe(self) -> dict[str, Any]:
-        c = self.config
-        return {"name": c.name, "task": c.task, "source": c.source, "default_variant": c.default_variant,
-                "baseline": c.baseline, "max_input_tokens": c.max_input_tokens,
-                "routing": c.routing.model_dump(), "labels": len(self.task_model.labels or []) or None,
-                "fidelity_bound": c.bound,
-                "variants": [v.describe() for v in self.variants.values()],
-                "unavailable": [{"name": n, "error": e} for n, e in self.router.unavailable.items()]}
-
-
-class Registry:
-    def __init__(self, settings: Settings, metrics: Metrics) -> None:
-        self.settings = settings
-        self.metrics = metrics
-        self.models: dict[str, ServedModel] = {}
-        self.ready = False
-        self.error: str | None = None
-        self.progress: list[str] = []
-        self.cpu = cpu.profile()
-        # every model call of the process, start-up included, runs on this one thread (one OpenMP team)
-        self.lane = ModelLane(background_share=settings.batching.shadow_budget)
-
-    # -- lookup --------------------------------------------------------------------------------
-    def get(self, name: str | None, task: str) -> ServedModel:
-        if name is None:
-            name = next((m for m in self.settings.model_names(task)), None)
-            if name is None:
-                raise UnknownModel(f"no {task} model is configured; configured models: "
-                                   f"{', '.join(self.settings.model_names())}", available=self.settings.model_names())
-        model = self.models.get(name)
-        if model is None or model.config.task != task:
-            available = self.settings.model_names(task)
-            raise UnknownModel(f"no {task} model named {name!r}; available: {', '.join(available) or 'none'}",
-                               available=available)
-        return model
-
-    def models_of(self, task: str) -> list[ServedModel]:
-        """The built models of ``task``, in config order."""
-        return [m for m in self.models.values() if m.config.task == task]
-
-    # -- start-up ------------------------------------------------------------------------------
-    def build(self) -> None:
-        """Load, quantize and measure everything (blocking; run it on ``self.lane.executor``)."""
+    def build(self) -> Catalog:
+        """Load, quantize and measure everything into the catalog (blocking; run it on the engine's lane)."""
         if self.settings.threads:
             torch.set_num_threads(self.settings.threads)
-        self.cpu = cpu.refresh()
+        self.catalog.cpu = self.cpu = cpu.refresh()
         switches = self.settings.speedups.model_dump()
         internals.configure(**{k: v for k, v in switches.items() if k in internals.SPEEDUPS})
         self.metrics.declare_cpu(self.cpu)
-        self._say(f"event=cpu_profile cpu={self.cpu.summary()!r} key={self.cpu.key}")
+        self.catalog.say(f"event=cpu_profile cpu={self.cpu.summary()!r} key={self.cpu.key}")
         if self.settings.artifacts_dir and any(v.compile for m in self.settings.models for v in m.variants):
             use_cache_dir(Path(self.settings.artifacts_dir) / "compile-cache")
         for name in self.settings.absent_optional_models:
-            self._say(f"event=model_skipped model={name} reason='optional and its source is not on this machine'")
+            self.catalog.say(f"event=model_skipped model={name} reason='optional and its source is not on this machine'")
         for mc in self.settings.models:
-            self._say(f"event=model_loading model={mc.name} task={mc.task} source={mc.source}")
+            self.catalog.say(f"event=model_loading model={mc.name} task={mc.task} source={mc.source}")
             tm = self._load(mc)
-            served = ServedModel(mc, tm, mc.task_kind(tm, mc.max_input_tokens), Router(mc))
+            served = CatalogModel(mc, tm, mc.task_kind(tm, mc.max_input_tokens), Router(mc))
             # a model that reads another language brings its own probe sentences
             n = self.settings.probe_count(mc.task)  # hard sentences first, then ordinary ones
             probe_items = served.task.tokenize((tm.probes or probe_texts("en", n))[:n])
@@ -203,17 +80,18 @@ class Registry:
                     if self.settings.on_variant_failure == "stop":
                         raise StartupError(reason) from exc
                     served.router.mark_unavailable(vc.name, reason)
-                    self._say(f"event=variant_unavailable model={mc.name} variant={vc.name} reason={reason!r}")
+                    self.catalog.say(f"event=variant_unavailable model={mc.name} variant={vc.name} reason={reason!r}")
             if not served.variants:
                 raise StartupError(f"model {mc.name!r}: none of its variants could be built; fix the first: "
                                    f"{next(iter(served.router.unavailable.values()))}")
             for v in served.variants.values():
-                if v.degraded:
-                    self.degrade(served, v, v.degraded)
-            self.models[mc.name] = served
+                if v.gate_problem:
+                    self.catalog.degrade(served, v.name, v.gate_problem)
+            self.catalog.models[mc.name] = served
         if self.settings.speedups.gc_freeze:
             self._freeze_startup_objects()
-        self._say(f"event=speedups {' '.join(f'{k}={v!r}' for k, v in internals.state().items())}")
+        self.catalog.say(f"event=speedups {' '.join(f'{k}={v!r}' for k, v in internals.state().items())}")
+        return self.catalog
 
     def _freeze_startup_objects(self) -> None:
         """Move everything start-up made out of the cyclic garbage collector's sight.
@@ -225,11 +103,7 @@ class Registry:
         """
         gc.collect()
         gc.freeze()
-        self._say(f"event=startup_objects_frozen objects={gc.get_freeze_count()}")
-
-    def _say(self, message: str) -> None:
-        self.progress.append(message)
-        log.info(message)
+        self.catalog.say(f"event=startup_objects_frozen objects={gc.get_freeze_count()}")
 
     def _load(self, mc: ModelConfig) -> TaskModel:
         try:
@@ -249,7 +123,7 @@ class Registry:
             return Path(self.settings.artifacts_dir) / mc.name / vc.name
         return None
 
-    def _build_variant(self, served: ServedModel, vc: VariantConfig, probe_items, reference) -> Variant:
+    def _build_variant(self, served: CatalogModel, vc: VariantConfig, probe_items, reference) -> BuiltVariant:
         mc, tm = served.config, served.task_model
         rss = psutil.Process().memory_info().rss
         start = time.perf_counter()
@@ -275,7 +149,7 @@ class Registry:
             except ArtifactError as exc:
                 if vc.artifact or bundled:
                     raise StartupError(f"model {mc.name!r} variant {vc.name!r}: {exc}") from None
-                self._say(f"event=artifact_rebuild model={mc.name} variant={vc.name} reason={str(exc)!r}")
+                self.catalog.say(f"event=artifact_rebuild model={mc.name} variant={vc.name} reason={str(exc)!r}")
         if qm is None or (auto is not None and not auto.get("from_cache")):
             try:
                 qm = qm or quantize_model(tm, strategy, params)
@@ -295,23 +169,23 @@ class Registry:
         seconds = time.perf_counter() - start
         grown = max(0, psutil.Process().memory_info().rss - rss)
         fid = served.task.compare_outputs(reference, outputs)
-        speed, degraded = self._gate(served, vc, module, probe_items, fid)
-        variant = Variant(model=mc.name, task=mc.task, name=vc.name, config=vc, module=module, runtime=runtime,
+        speed, gate_problem = self._gate(served, vc, module, probe_items, fid)
+        variant = BuiltVariant(model=mc.name, task=mc.task, name=vc.name, config=vc, module=module, runtime=runtime,
                           quantization_seconds=seconds - compile_seconds, loaded_from_artifact=from_artifact,
                           weight_bytes=weight_bytes, memory_bytes=grown,
                           fidelity={k: round(v, 6) for k, v in fid.items()}, kept=qm.kept,
                           compile_seconds=compile_seconds,
-                          compile_problem=problem, kernels=kernels, speed=speed, degraded=degraded,
+                          compile_problem=problem, kernels=kernels, speed=speed, gate_problem=gate_problem,
                           strategy=strategy, params=qm.params if auto is not None else vc.params, auto=auto)
         self.metrics.declare_variant(mc.name, mc.task, vc.name, strategy=strategy, runtime=qm.runtime,
                                      source=mc.source, weight_bytes=variant.weight_bytes, memory_bytes=grown,
                                      quantization_seconds=variant.quantization_seconds, fidelity=fid)
-        self._say(f"event=variant_ready model={mc.name} variant={vc.name} strategy={strategy} "
+        self.catalog.say(f"event=variant_ready model={mc.name} variant={vc.name} strategy={strategy} "
                   f"seconds={seconds:.2f} compiled={variant.compiled} artifact={from_artifact} weight_bytes={variant.weight_bytes} "
                   f"rss_growth_bytes={grown} fidelity={fid}")
         return variant
 
-    def _auto(self, served: ServedModel, vc: VariantConfig, probe_items: list[Any], reference: Any,
+    def _auto(self, served: CatalogModel, vc: VariantConfig, probe_items: list[Any], reference: Any,
               directory: Path | None) -> tuple[str, dict[str, Any], dict[str, Any], Any, dict[str, Any] | None]:
         """``strategy: auto``: (strategy, params, the selection's record, the winner and its kernel choice if built
         here).
@@ -325,7 +199,7 @@ class Registry:
         win = next((c for c in (record or {}).get("candidates", []) if c.get("chosen") and "strategy" in c), None)
         if record is not None and win is not None:
             record["from_cache"] = True
-            self._say(f"event=auto_reused model={mc.name} variant={vc.name} winner={record.get('winner')!r}")
+            self.catalog.say(f"event=auto_reused model={mc.name} variant={vc.name} winner={record.get('winner')!r}")
             return win["strategy"], win.get("params") or {}, record, None, None
         candidates = [(c["strategy"], c.get("params", {})) for c in vc.params.get("candidates") or []] or \
             mc.task_kind.auto_candidates
@@ -342,7 +216,7 @@ class Registry:
             tune=tune, batch_only=vc.compile)
         if qm is None:
             raise StartupError(f"model {mc.name!r} variant {vc.name!r} (auto): {record['why']}")
-        self._say(f"event=auto_selected model={mc.name} variant={vc.name} why={record['why']!r}")
+        self.catalog.say(f"event=auto_selected model={mc.name} variant={vc.name} why={record['why']!r}")
         if directory is not None:
             save_beside(directory, saved_as, record)
         win = next(c for c in record["candidates"] if c.get("chosen"))
@@ -352,7 +226,7 @@ class Registry:
     def _batch(self) -> int:
         return self.settings.batching.max_batch_size
 
-    def _choose_kernels(self, served: ServedModel, vc: VariantConfig, module: Any, probe_items: list[Any],
+    def _choose_kernels(self, served: CatalogModel, vc: VariantConfig, module: Any, probe_items: list[Any],
                         directory: Path | None, tuned: dict[str, Any] | None = None) -> dict[str, Any] | None:
         """Each int8 GEMM layer's kernels on this CPU (dynamic or static): ``tuned`` (chosen moments ago, by auto),
         the saved choice for this CPU profile, or measured now."""
@@ -367,11 +241,11 @@ class Registry:
         if directory is not None and record is not None and not record.get("from_cache"):
             tuning.save_choice(directory, record)
         summary = tuning.summary(record)
-        self._say(f"event=kernels_chosen model={served.name} variant={vc.name} kernel={summary['kernel']} "
+        self.catalog.say(f"event=kernels_chosen model={served.name} variant={vc.name} kernel={summary['kernel']} "
                   f"inexact={sorted(summary['inexact'])} seconds={summary['seconds']} cached={summary['from_cache']}")
         return record
 
-    def _gate(self, served: ServedModel, vc: VariantConfig, module: Any, probe_items: list[Any],
+    def _gate(self, served: CatalogModel, vc: VariantConfig, module: Any, probe_items: list[Any],
               fid: dict[str, float]) -> tuple[dict[str, Any] | None, str | None]:
         """(speed against the baseline, why the variant fails the serving gate or None)."""
         mc = served.config
@@ -385,16 +259,7 @@ class Registry:
             raise StartupError(f"model {mc.name!r}: {reason}; set gate.action to fallback or serve to start anyway")
         return speed, reason
 
-    def degrade(self, served: ServedModel, variant: Variant, reason: str) -> None:
-        """Take ``variant`` out of unpinned traffic (gate.action fallback) and say so: state, metric, log."""
-        variant.degraded = reason
-        fallback = self.settings.gate.action == "fallback"
-        served.router.mark_degraded(variant.name, reason, fallback=fallback)
-        self.metrics.degraded.labels(served.name, served.config.task, variant.name).set(1)
-        self._say(f"event=variant_degraded model={served.name} variant={variant.name} "
-                  f"default={served.router.default} reason={reason!r}")
-
-    def _compile(self, served: ServedModel, vc: VariantConfig, module: Any,
+    def _compile(self, served: CatalogModel, vc: VariantConfig, module: Any,
                  probe_items: list[Any]) -> tuple[Any, float, str | None]:
         """The variant's module compiled, warmed up and checked; or, where compiling is off, impossible here or
         does not match eager outputs, the eager module and the reason (the variant still serves, and
@@ -402,29 +267,13 @@ class Registry:
         start = time.perf_counter()
         served_module, problem = serve_compiled(module, served.task.run, probe_items)
         if problem is not None:
-            self._say(f"event=compile_unavailable model={served.name} variant={vc.name} reason={problem!r}")
+            self.catalog.say(f"event=compile_unavailable model={served.name} variant={vc.name} reason={problem!r}")
         return served_module, time.perf_counter() - start, problem
 
-    async def start_batchers(self) -> None:
-        b = self.settings.batching
-        config = BatchConfig(max_batch_size=b.max_batch_size, max_wait_ms=b.max_wait_ms,
-                             max_batch_tokens=b.max_batch_tokens, max_queue=b.max_queue)
-        for served in self.models.values():
-            for v in served.variants.values():
-                v.batcher = DynamicBatcher(f"{served.name}/{v.name}", _runner(served.task, v.module), config,
-                                           cost=len, on_batch=_observer(self.metrics, v), lane=self.lane)
-                await v.batcher.start()
-        self.ready = True
-        self.metrics.ready.set(1)
 
-    async def stop(self) -> None:
-        self.ready = False
-        self.metrics.ready.set(0)
-        for served in self.models.values():
-            for v in served.variants.values():
-                if v.batcher is not None:
-                    await v.batcher.stop(drain=True)
-        self.lane.shutdown()
+def build_catalog(settings: Settings, metrics: Metrics) -> Catalog:
+    """Every configured model built into a new catalog (blocking): what the server does at start-up."""
+    return VariantBuilder(Catalog(settings, metrics)).build()
 
 
 def _full_params(strategy: str, params: dict[str, Any]) -> dict[str, Any]:
@@ -432,24 +281,3 @@ def _full_params(strategy: str, params: dict[str, Any]) -> dict[str, Any]:
 
     cls = get_strategy(strategy)
     return parse_params(cls, params).model_dump()
-
-
-def _runner(task: Task, module: Any):
-    return lambda items: task.run(module, items)
-
-
-def _observer(metrics: Metrics, v: Variant):
-    labels = (v.model, v.task, v.name)
-    seen = {"late_compiles": getattr(v.module, "late_compiles", 0)}
-
-    def on_batch(size: int, cost: int, seconds: float) -> None:
-        metrics.batch_size.labels(*labels).observe(size)
-        metrics.inference_seconds.labels(*labels).observe(seconds)
-        metrics.inputs.labels(*labels).inc(size)
-        metrics.tokens.labels(*labels).inc(cost)
-        late = getattr(v.module, "late_compiles", 0)  # a compiled variant's count (quantization.internals.compiled.Settled)
-        if late > seen["late_compiles"]:
-            metrics.late_compiles.labels(*labels).inc(late - seen["late_compiles"])
-            seen["late_compiles"] = late
-
-    return on_batch
