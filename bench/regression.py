@@ -51,9 +51,11 @@ WORKER = r"""
 import copy, json, sys
 sys.path.insert(0, ".")
 from bench.strategies import fixed_batch, time_rounds
-try:
+import os
+# by file, not by trying the import: an editable install would find the newer module in the checkout
+if os.path.exists("quantization/internals/compiled.py"):
     from quantization.internals.compiled import Settled, compile_module, compiler_problem, warm_up
-except ImportError:  # commits before quantization/internals/
+else:  # commits before quantization/internals/
     from quantization.compiled import Settled, compile_module, compiler_problem, warm_up
 from quantization.models import load_task_model
 from quantization.pipeline import quantize_model
