@@ -60,3 +60,12 @@ def test_compiled_serving_keeps_each_step_only_where_it_checks_out(minilm, texts
     assert "event=compile_fallback" in caplog.text
     # the eager fallback runs its eager form again, with the eager model's numbers
     assert all(torch.equal(a, b) for a, b in zip(task.run(module, items), task.run(build(), items)))
+
+    def refused(m, batch):  # a torch whose compiler raises (another version's internals)
+        if is_compiled(m):
+            raise RuntimeError("inductor says no")
+        return task.run(m, batch)
+
+    module = build()
+    served, why = serve_compiled(module, refused, items)
+    assert served is module and why.startswith("compiling failed with this torch") and "inductor says no" in why

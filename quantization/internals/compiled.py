@@ -116,8 +116,11 @@ def process_settings() -> None:
     """
     import torch._dynamo.config as dynamo_config
 
-    dynamo_config.recompile_limit = max(dynamo_config.recompile_limit, RECOMPILE_LIMIT)
-    dynamo_config.specialize_float = True
+    name = "recompile_limit" if hasattr(dynamo_config, "recompile_limit") else "cache_size_limit"  # torch < 2.6
+    if hasattr(dynamo_config, name):
+        setattr(dynamo_config, name, max(getattr(dynamo_config, name), RECOMPILE_LIMIT))
+    if hasattr(dynamo_config, "specialize_float"):
+        dynamo_config.specialize_float = True
 
 
 def serve_compiled(module: nn.Module, run: Callable[[Any, list[Any]], list[Any]],
@@ -132,16 +135,20 @@ def serve_compiled(module: nn.Module, run: Callable[[Any, list[Any]], list[Any]]
     problem = compiler_problem() if switches.enabled("compile") else "the compile speed-up is switched off"
     if problem is not None:
         return module, problem
+    from ..layers import set_graph_form
+
     probe = items[:8]
     eager = run(module, probe)
-    compiled = compile_module(module, probe=lambda m: run(m, items[:2]))
-    warm_up(lambda batch: run(compiled, batch), items)
-    worst = _worst_cosine(eager, run(compiled, probe))
-    if worst < COMPILE_MIN_COSINE:
-        from ..layers import set_graph_form
-
+    try:
+        compiled = compile_module(module, probe=lambda m: run(m, items[:2]))
+        warm_up(lambda batch: run(compiled, batch), items)
+        worst = _worst_cosine(eager, run(compiled, probe))
+        why = None if worst >= COMPILE_MIN_COSINE else \
+            f"compiled outputs differ from eager ones on the probe (worst cosine {worst:.4f})"
+    except Exception as exc:  # noqa: BLE001 - a torch whose internals differ from the ones this was built on
+        why = f"compiling failed with this torch {torch.__version__} ({type(exc).__name__}: {str(exc)[:200]})"
+    if why is not None:
         set_graph_form(module, False)
-        why = f"compiled outputs differ from eager ones on the probe (worst cosine {worst:.4f})"
         log.warning("event=compile_fallback reason=%r", why)
         return module, why
     if not switches.enabled("settled"):
