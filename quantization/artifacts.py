@@ -22,7 +22,6 @@ import time
 from pathlib import Path
 from typing import Any
 
-
 from .errors import ArtifactError
 from .runtimes import get_runtime
 from .strategies import QuantizedModel

@@ -107,9 +107,7 @@ def exactness(kernel: str, layer: Any, x2: torch.Tensor) -> float:
         levels = 2 ** PRECISION[kernel] - 1
         xn, _, _ = normalize_rows(xs)
         q = torch.round(xn * levels)
-        # an input on the kernel's own grid (each row spans exactly [0, 1]): its quantization gives back q exactly
-        out = fb.linear_dynamic(q / levels, fb.pack(w, torch.ones(w.shape[0])), reduce_range(kernel))
-        acc = out.double() * levels
+        acc = fb.grid_product(q, w, reduce_range(kernel))  # each row spans the grid: quantizing gives back q
     exact = (q.to(torch.int64) @ w.to(torch.int64).t()).double()
     return float((acc - exact).abs().max()) / max(1.0, float(exact.abs().max()))
 

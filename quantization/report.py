@@ -20,11 +20,11 @@ from torch import nn
 from .affine import sqnr_db
 from .calibration import collect_layer_inputs
 from .fidelity import fidelity
-from .runtimes import runtime_of
-from .tasks import get_task
 from .layers import QuantizedLinear
-from .task_model import TaskModel
+from .runtimes import runtime_of
 from .strategies import QuantizedModel
+from .tasks import get_task
+from .task_model import TaskModel
 
 LAYER_PROBE_TEXTS = 16
 

@@ -46,13 +46,16 @@ class VariantBuilder:
         self.catalog = catalog
         self.settings = catalog.settings
         self.metrics = catalog.metrics
-        self.cpu = catalog.cpu
+
+    @property
+    def cpu(self) -> cpu.CpuProfile:
+        return self.catalog.cpu
 
     def build(self) -> Catalog:
         """Load, quantize and measure everything into the catalog (blocking; run it on the engine's lane)."""
         if self.settings.threads:
             torch.set_num_threads(self.settings.threads)
-        self.catalog.cpu = self.cpu = cpu.refresh()
+        self.catalog.cpu = cpu.refresh()
         switches = self.settings.speedups.model_dump()
         internals.configure(**{k: v for k, v in switches.items() if k in internals.SPEEDUPS})
         self.metrics.declare_cpu(self.cpu)
@@ -65,6 +68,9 @@ class VariantBuilder:
             self.catalog.say(f"event=model_loading model={mc.name} task={mc.task} source={mc.source}")
             tm = self._load(mc)
             served = CatalogModel(mc, tm, mc.task_kind(tm, mc.max_input_tokens), Router(mc))
+            if served.task.needs_languages and not served.languages:
+                raise StartupError(f"model {mc.name!r}: the language pair of {mc.source!r} is not known; add "
+                                   f"`languages: <source>-<target>` (e.g. en-pt) to the model's config")
             # a model that reads another language brings its own probe sentences
             n = self.settings.probe_count(mc.task)  # hard sentences first, then ordinary ones
             probe_items = served.task.tokenize((tm.probes or probe_texts("en", n))[:n])
@@ -110,9 +116,6 @@ class VariantBuilder:
             tm = load_task_model(mc.source, mc.task, name=mc.name)
         except QuantizationError as exc:
             raise StartupError(f"model {mc.name!r}: {exc}") from None
-        if mc.task_kind.needs_languages and not (mc.languages or tm.info.get("languages")):
-            raise StartupError(f"model {mc.name!r}: the language pair of {mc.source!r} is not known; add "
-                               f"`languages: <source>-<target>` (e.g. en-pt) to the model's config")
         tm.max_length = mc.max_input_tokens
         return tm
 

@@ -39,10 +39,7 @@ from . import switches
 log = logging.getLogger(__name__)
 
 CACHE_ENV = "TORCHINDUCTOR_CACHE_DIR"
-# Every compiled module adds its graphs (two shape classes each) to the guards of the same code
-# objects (BertModel.forward, ...): with torch's default of 8, the fifth compiled variant of one
-# architecture in a process would silently run eager.
-RECOMPILE_LIMIT = 64
+RECOMPILE_LIMIT = 64  # why: process_settings
 
 
 def compiler_problem() -> str | None:
@@ -142,7 +139,8 @@ def serve_compiled(module: nn.Module, run: Callable[[Any, list[Any]], list[Any]]
     try:
         compiled = compile_module(module, probe=lambda m: run(m, items[:2]))
         warm_up(lambda batch: run(compiled, batch), items)
-        worst = _worst_cosine(eager, run(compiled, probe))
+        reference = run(compiled, probe)
+        worst = _worst_cosine(eager, reference)
         why = None if worst >= COMPILE_MIN_COSINE else \
             f"compiled outputs differ from eager ones on the probe (worst cosine {worst:.4f})"
     except Exception as exc:  # noqa: BLE001 - a torch whose internals differ from the ones this was built on
@@ -154,7 +152,6 @@ def serve_compiled(module: nn.Module, run: Callable[[Any, list[Any]], list[Any]]
     if not switches.enabled("settled"):
         return compiled, None
     settled = Settled(compiled)
-    reference = run(compiled, probe)
     run(settled, probe)  # the first call of a signature goes through dynamo and records its graph call
     if not all(torch.equal(a, b) for a, b in zip(reference, run(settled, probe))):
         log.warning("event=settled_fallback reason='settled graph calls differ from dynamo on the probe'")

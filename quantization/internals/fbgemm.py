@@ -45,13 +45,20 @@ def _self_check() -> str | None:
         g = torch.Generator().manual_seed(0)
         w = torch.randint(-127, 128, (16, 64), generator=g, dtype=torch.int8)
         q = torch.randint(0, 128, (4, 64), generator=g).float()
-        q[:, 0], q[:, 1] = 0, 127  # every row spans the whole grid, so the kernel's quantization gives q back
-        out = torch.ops.quantized.linear_dynamic(q / 127, pack(w, torch.ones(16)), True).double() * 127
+        q[:, 0], q[:, 1] = 0, 127  # every row spans the whole grid
+        out = grid_product(q, w, True)
     except (RuntimeError, AttributeError, NotImplementedError) as exc:
         return f"this torch build cannot run it ({type(exc).__name__})"
     exact = (q.to(torch.int64) @ w.to(torch.int64).t()).double()
     err = float((out - exact).abs().max()) / float(exact.abs().max())
     return None if err <= 1e-6 else f"its product is off by {err:.2g} of the largest on a probe"
+
+
+def grid_product(q: torch.Tensor, weight: torch.Tensor, reduce_range: bool) -> torch.Tensor:
+    """FBGEMM's integer product of ``q`` (whole numbers on its grid, 0..127 or 0..255, each row spanning it, so
+    the kernel's own quantization gives ``q`` back) with the int8 ``weight``, as float64."""
+    levels = 127 if reduce_range else 255
+    return linear_dynamic(q / levels, pack(weight, torch.ones(weight.shape[0])), reduce_range).double() * levels
 
 
 def pack(weight: torch.Tensor, scale: torch.Tensor) -> Any:
