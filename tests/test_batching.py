@@ -732,3 +732,111 @@ def test_a_background_share_of_zero_sheds_all_background_work() -> None:
     assert shadowed.ran == ["f"]
     with pytest.raises(ValueError):
         ModelLane("bad", background_share=1.5)
+
+
+# -- long work: guests at its checkpoints, stopped once nobody waits -------------------------------
+
+class SteppedModel:
+    """Long work of ``steps`` steps, each passing quantization.steps.checkpoint(); records what it did."""
+
+    def __init__(self, steps: int = 200, step_s: float = 0.005) -> None:
+        self.steps, self.step_s = steps, step_s
+        self.taken = 0
+        self.entered = threading.Event()
+        self.finished = threading.Event()
+        self.threads: list[int] = []
+
+    def __call__(self, items: list[str]) -> list[str]:
+        from quantization.steps import checkpoint
+
+        self.threads.append(threading.get_ident())
+        self.entered.set()
+        try:
+            for _ in range(self.steps):
+                checkpoint()
+                time.sleep(self.step_s)
+                self.taken += 1
+        finally:
+            self.finished.set()
+        return [s.lower() for s in items]
+
+
+def _stepped_pair(body: Callable[..., Awaitable[T]], host: SteppedModel, other: FakeModel) -> T:
+    async def main() -> T:
+        lane = ModelLane("test-lane")
+        config = BatchConfig(max_batch_size=8, max_wait_ms=1)
+        a = DynamicBatcher("translate/a", host, config, lane=lane)
+        b = DynamicBatcher("embed/b", other, config, lane=lane)
+        await a.start()
+        await b.start()
+        try:
+            return await body(a, b)
+        finally:
+            await a.stop(drain=True)
+            await b.stop(drain=True)
+            lane.shutdown()
+
+    return arun(main, other, timeout=20)
+
+
+def test_other_models_run_between_the_steps_of_long_work_on_the_same_thread() -> None:
+    host, other = SteppedModel(steps=200), FakeModel(sleep_s=0.001)
+
+    async def body(a: DynamicBatcher, b: DynamicBatcher) -> None:
+        long = asyncio.ensure_future(a.submit(["LONG"]))
+        await wait_until(host.entered.is_set)
+        for i in range(3):  # one after another, each while the long batch still runs
+            start = time.perf_counter()
+            assert (await b.submit([f"s{i}"])).outputs == [f"S{i}"]
+            assert time.perf_counter() - start < 0.5, "a short batch waited for the long one"
+        assert not long.done() and host.taken < host.steps
+        assert (await long).outputs == ["long"] and host.taken == host.steps
+
+    _stepped_pair(body, host, other)
+    assert set(other.threads) == set(host.threads), "guests must run on the lane's one thread"
+
+
+def test_long_work_nobody_waits_for_stops_at_its_next_step() -> None:
+    host, other = SteppedModel(steps=2000, step_s=0.002), FakeModel(sleep_s=0.001)
+
+    async def body(a: DynamicBatcher, b: DynamicBatcher) -> None:
+        long = asyncio.ensure_future(a.submit(["LONG"]))
+        await wait_until(host.entered.is_set)
+        await asyncio.sleep(0.05)
+        long.cancel()  # its deadline passed, or its client left
+        start = time.perf_counter()
+        await wait_until(host.finished.is_set, timeout=2)
+        assert time.perf_counter() - start < 0.2
+        assert host.taken < 200
+        assert (await b.submit(["after"])).outputs == ["AFTER"]  # the lane is free again
+        assert (await a.submit(["again"])).outputs == ["again"]  # and the batcher serves on
+
+    _stepped_pair(body, host, other)
+
+
+def test_long_work_with_one_request_still_waited_for_runs_to_its_end() -> None:
+    host, other = SteppedModel(steps=100, step_s=0.002), FakeModel()
+
+    async def body(a: DynamicBatcher, b: DynamicBatcher) -> None:
+        gone = asyncio.ensure_future(a.submit(["GONE"]))
+        kept = asyncio.ensure_future(a.submit(["KEPT"]))
+        await wait_until(host.entered.is_set)
+        gone.cancel()
+        assert (await kept).outputs == ["kept"]
+        assert host.taken == host.steps
+
+    _stepped_pair(body, host, other)
+
+
+def test_background_work_is_no_guest_of_long_work() -> None:
+    host, other = SteppedModel(steps=100, step_s=0.003), FakeModel()
+
+    async def body(a: DynamicBatcher, b: DynamicBatcher) -> None:
+        long = asyncio.ensure_future(a.submit(["LONG"]))
+        await wait_until(host.entered.is_set)
+        shadow = asyncio.ensure_future(b.submit(["s"] * 8, background=True))
+        await long
+        assert not other.calls or host.finished.is_set()
+        await shadow
+
+    _stepped_pair(body, host, other)

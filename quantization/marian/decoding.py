@@ -6,6 +6,7 @@ shortlists and masks, per row, the words outside that row's list. ``<unk>`` is n
 (Marian's default). Output length is bounded per sentence by ``max_length_factor`` x its source
 length (in tokens, with the end-of-sentence token) and by ``max_new_tokens``.
 Finished sentences leave the batch, so long stragglers do not drag short sentences' rows along.
+Every step passes a :func:`~quantization.steps.checkpoint`, where the caller may step in or stop.
 """
 
 from __future__ import annotations
@@ -14,6 +15,7 @@ import math
 
 import torch
 
+from ..steps import checkpoint
 from .model import DecoderState, TinyTransformer
 
 NEG_INF = float("-inf")
@@ -47,6 +49,7 @@ def greedy(model: TinyTransformer, input_ids: torch.Tensor, attention_mask: torc
     previous = None
     limit = torch.tensor(limits)
     for t in range(max(limits)):
+        checkpoint()
         scores = model.logits(model.step(previous, state), layer=output) + mask[rows]
         words = vocab[scores.argmax(-1)]
         done = (words == eos_id) | (limit[rows] <= t + 1)
@@ -80,6 +83,7 @@ def beam_search(model: TinyTransformer, input_ids: torch.Tensor, attention_mask:
     finished: list[list[tuple[float, list[int]]]] = [[] for _ in range(batch)]
     previous = None
     for t in range(max(limits)):
+        checkpoint()
         logp = (model.logits(model.step(previous, state), layer=output) + mask[[h[0] for h in hyps]]).log_softmax(-1)
         logp = logp.nan_to_num(nan=NEG_INF)
         totals = logp + torch.tensor([h[2] for h in hyps])[:, None]

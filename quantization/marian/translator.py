@@ -14,6 +14,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from ..steps import checkpoint
 from . import decoding
 from .model import TinyTransformer
 from .shortlist import Shortlist
@@ -96,7 +97,12 @@ class NativeTranslator:
             return engine
 
     def translate_texts(self, texts: list[str]) -> list[str]:
-        return [self.engine.translate(t) if t.strip() else "" for t in texts]
+        """One engine call per text: the engine decodes inside its call, so a step is a whole sentence."""
+        out = []
+        for t in texts:
+            checkpoint()
+            out.append(self.engine.translate(t) if t.strip() else "")
+        return out
 
     def __call__(self, *args, **kwargs):
         raise TypeError("the native engine translates texts: call translate_texts(texts)")
