@@ -196,9 +196,10 @@ class BatchingConfig(_Strict):
                                  "in shadow_shed_total, so shadowing never costs served traffic more than this")
 
 
-# Hard ceilings of the request schemas (what /openapi.json states); the configured limits sit at or below them.
+# Hard ceilings of the request schemas; the configured limits sit at or below them (/openapi.json states those).
 MAX_INPUTS_CEILING = 2048
 MAX_CHARS_CEILING = 100_000
+COMPARE_MAX_INPUTS = 32  # /v1/compare runs every variant: fewer inputs per request
 
 
 class LimitsConfig(_Strict):
@@ -210,6 +211,9 @@ class LimitsConfig(_Strict):
                                 "(a request may choose with its own 'truncation' field)")
     request_timeout_s: float = Field(30.0, gt=0, le=3600, description="deadline of one request; a client may lower "
                                                                        "it with the X-Request-Timeout header (seconds)")
+    max_decode_work: int = Field(65_536, ge=1, description="translate: inputs x beam_size x max_new_tokens per request "
+                                 "(the model's defaults where the request omits them); more gets 422. The default "
+                                 "admits 16 inputs at beam 8 and 512 new tokens")
 
 
 def _comma_separated(value: Any) -> Any:
@@ -329,6 +333,25 @@ class Settings(BaseSettings):
         # keyword arguments (the CLI) > environment > the YAML file (passed in as defaults by load_settings)
         return init_settings, env_settings
 
+    def input_limit(self, task: str) -> int:
+        """Inputs one request to a model of ``task`` may carry: limits.max_inputs, or the task's own ceiling."""
+        return min(self.limits.max_inputs, get_task(task).max_inputs or MAX_INPUTS_CEILING)
+
+    def char_limit(self, task: str) -> int:
+        """Characters per input for a model of ``task``: limits.max_chars, or the task's own ceiling."""
+        return min(self.limits.max_chars, get_task(task).max_chars or MAX_CHARS_CEILING)
+
+    @model_validator(mode="after")
+    def _servable(self) -> "Settings":
+        """A request that passes validation must fit in its variant's queue, or it would get 429 for ever."""
+        largest = max([self.input_limit(m.task) for m in self.models]
+                      + [min(COMPARE_MAX_INPUTS, self.input_limit(m.task)) for m in self.models])
+        if self.batching.max_queue < largest:
+            raise ValueError(f"batching.max_queue is {self.batching.max_queue}, smaller than the largest request the "
+                             f"endpoints admit ({largest} inputs, from limits.max_inputs and the tasks' own limits); "
+                             f"raise max_queue to at least {largest} or lower limits.max_inputs")
+        return self
+
     def probe_count(self, task: str) -> int:
         """How many probe sentences measure a model of ``task``: ``probe_texts`` if set, else the task's default."""
         return self.probe_texts or get_task(task).probe_count
@@ -384,11 +407,11 @@ def _drop(values: dict[str, Any], path: list[str]) -> None:
 
 def describe_validation_error(exc: ValidationError, path: Any = None) -> str:
     err = exc.errors()[0]
-    where = ".".join(str(p) for p in err["loc"]) or "the config"
+    where = ".".join(str(p) for p in err["loc"])
     msg = re.sub(r"^Value error, ", "", err["msg"])
     if err["type"] == "extra_forbidden":
         msg = "unknown field; remove it or check its spelling"
     elif err["type"] == "missing":
         msg = "required; add it"
     more = f" (and {len(exc.errors()) - 1} more problem(s))" if len(exc.errors()) > 1 else ""
-    return f"invalid config{f' in {path}' if path else ''}: {where}: {msg}{more}"
+    return f"invalid config{f' in {path}' if path else ''}: {f'{where}: ' if where else ''}{msg}{more}"

@@ -10,7 +10,9 @@ from typing import Annotated, Any, Literal
 
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field, StringConstraints
 
-from .config import MAX_CHARS_CEILING, MAX_INPUTS_CEILING
+from quantization.tasks.translate import Translate
+
+from .config import COMPARE_MAX_INPUTS, MAX_CHARS_CEILING, MAX_INPUTS_CEILING
 
 
 # The schema holds the hard ceilings; the configured limits (GET /v1/models, "limits") are checked per request.
@@ -87,7 +89,8 @@ class ClassifyResponse(Timing):
 
 class CompareRequest(_Request):
     model: str = Field(description="the model whose variants to compare")
-    inputs: Annotated[list[Text], Field(min_length=1, max_length=32, description="1 to 32 texts")]
+    inputs: Annotated[list[Text], Field(min_length=1, max_length=COMPARE_MAX_INPUTS,
+                                        description=f"1 to {COMPARE_MAX_INPUTS} texts, within the model's limits")]
     truncation: Truncation
 
 
@@ -163,8 +166,8 @@ COMMON_ERRORS = error_responses(401, 500, 503)
 
 
 # -- translate ------------------------------------------------------------------------------------
-MAX_TRANSLATE_INPUTS = 64
-MAX_TRANSLATE_CHARS = 4_000
+MAX_TRANSLATE_INPUTS = Translate.max_inputs
+MAX_TRANSLATE_CHARS = Translate.max_chars
 Lang = Annotated[str, StringConstraints(pattern=r"^[a-z]{2,3}$")]
 
 

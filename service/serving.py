@@ -48,18 +48,29 @@ class Serving:
         served = self.catalog.get(model, task)
         return served, served.variants[served.router.choose(pinned, request_key)]
 
-    def check_limits(self, texts: list[str], field: str = "inputs") -> None:
-        """The configured limits (the request schema only holds the hard ceilings)."""
-        limits = self.catalog.settings.limits
-        if len(texts) > limits.max_inputs:
-            raise InvalidInput(f"{field}: {len(texts)} inputs, more than the limit of {limits.max_inputs} per request "
-                               f"(limits.max_inputs); split the request", fields=[{"field": field, "message":
-                                                                                   f"at most {limits.max_inputs}"}])
+    def check_limits(self, served: CatalogModel, variant: BuiltVariant, texts: list[str], field: str = "inputs",
+                     options: dict[str, Any] | None = None) -> None:
+        """The model's limits, the same on every endpoint (the request schemas hold the widest ones)."""
+        settings = self.catalog.settings
+        task = served.config.task
+        max_inputs, max_chars = settings.input_limit(task), settings.char_limit(task)
+        if len(texts) > max_inputs:
+            raise InvalidInput(f"{field}: {len(texts)} inputs, more than the limit of {max_inputs} per request for "
+                               f"{served.name!r} (limits.max_inputs, {task} models at most "
+                               f"{served.task.max_inputs or max_inputs}); split the request",
+                               fields=[{"field": field, "message": f"at most {max_inputs}"}])
         for i, text in enumerate(texts):
-            if len(text) > limits.max_chars:
-                raise InvalidInput(f"{field}.{i}: {len(text)} characters, more than the limit of {limits.max_chars} "
-                                   f"(limits.max_chars)", fields=[{"field": f"{field}.{i}", "message":
-                                                                   f"at most {limits.max_chars} characters"}])
+            if len(text) > max_chars:
+                raise InvalidInput(f"{field}.{i}: {len(text)} characters, more than the limit of {max_chars} for "
+                                   f"{served.name!r} (limits.max_chars)",
+                                   fields=[{"field": f"{field}.{i}", "message": f"at most {max_chars} characters"}])
+        work = served.task.work(variant.module, len(texts), **(options or {}))
+        budget = settings.limits.max_decode_work
+        if work is not None and work > budget:
+            raise InvalidInput(f"{field}: {len(texts)} inputs x beam_size x max_new_tokens come to {work} decoder "
+                               f"steps, more than the limit of {budget} per request (limits.max_decode_work); send "
+                               f"fewer inputs, a smaller beam_size or max_new_tokens",
+                               fields=[{"field": field, "message": f"inputs x beams x new tokens at most {budget}"}])
 
     async def infer(self, served: CatalogModel, variant: BuiltVariant, texts: list[str], endpoint: str,
                     shadow: bool = True, truncation: str | None = None, field: str = "inputs",
@@ -72,7 +83,7 @@ class Serving:
         start = time.perf_counter()
         status = "200"
         try:
-            self.check_limits(texts, field)
+            self.check_limits(served, variant, texts, field, options)
             encoded = self._encode(served, texts, truncation or self.catalog.settings.limits.truncation, field,
                                    options or {})
             batch = await self._submit(served, variant, encoded.items)

