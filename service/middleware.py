@@ -22,6 +22,7 @@ from typing import Any
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from .context import REQUEST_ID_HEADER, TIMEOUT_HEADER, RequestContext, activate, current, deactivate, request_id_from
+from .logs import quote
 from .errors import (InferenceFailed, InvalidInput, PayloadTooLarge, ServiceError, ShuttingDown, Unauthorized,
                      UnsupportedMediaType, error_response)
 
@@ -83,7 +84,7 @@ class RequestContextMiddleware:
         except ServiceError as exc:
             await _reply(exc, scope, receive, send_with_id)
         except Exception:  # a bug: answer 500 with the id so the log line can be found, keep serving
-            log.exception("event=unhandled_error method=%s path=%s", scope["method"], scope["path"])
+            log.exception("event=unhandled_error method=%s path=%s", quote(scope["method"]), quote(scope["path"]))
             if status["code"] == 0:
                 await _reply(InferenceFailed("the service failed to handle this request; the request id "
                                              "names it in the logs"), scope, receive, send_with_id)
@@ -91,8 +92,8 @@ class RequestContextMiddleware:
             if admitted:
                 self.lifecycle.inflight -= 1
             if scope["path"] not in HEALTH_PATHS or status["code"] >= 400:
-                log.info("event=request method=%s path=%s status=%s seconds=%.4f", scope["method"], scope["path"],
-                         status["code"], time.perf_counter() - start)
+                log.info("event=request method=%s path=%s status=%s seconds=%.4f", quote(scope["method"]),
+                         quote(scope["path"]), status["code"], time.perf_counter() - start)
             deactivate(token)
 
     def _client_timeout(self, value: str) -> float:

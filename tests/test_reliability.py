@@ -359,3 +359,63 @@ def test_json_logs_carry_the_request_id_and_keep_one_event_a_line():
     first, second = json.loads(lines[0]), json.loads(lines[1])
     assert len(lines) == 2 and first["request_id"] == "req-9" and first["message"] == "event=thing detail=multi\nline"
     assert second["request_id"] == "-" and first["level"] == "WARNING" and first["logger"] == "service.test"
+
+
+def _raw_request(base: str, head: bytes, body: bytes = b"") -> bytes:
+    host, port = base.removeprefix("http://").split(":")
+    with socket.create_connection((host, int(port)), timeout=10) as s:
+        s.sendall(head + body)
+        data = b""
+        while chunk := s.recv(65536):
+            data += chunk
+            if b"\r\n\r\n" in data:
+                break
+        return data
+
+
+def test_client_controlled_values_cannot_forge_a_log_line_in_either_format(hostile_server):
+    """CR, LF and terminal escapes in the path, the headers and the body stay inside one event's line."""
+    import io
+
+    from service.logs import JsonFormatter, TextFormatter
+
+    base, _ = hostile_server
+    streams = {"text": io.StringIO(), "json": io.StringIO()}
+    handlers = []
+    for fmt, stream in streams.items():
+        h = logging.StreamHandler(stream)
+        h.addFilter(RequestIdFilter())
+        h.setFormatter(TextFormatter() if fmt == "text" else JsonFormatter())
+        handlers.append(h)
+        logging.getLogger().addHandler(h)
+    http_logger = logging.getLogger("service.http")
+    level = http_logger.level
+    http_logger.setLevel(logging.INFO)
+    forged = "request_id=admin event=request method=POST path=/v1/admin status=200"
+    body = _raw({"inputs": ["a\r\nb\x1b[2J"], "model": "x\r\n" + forged})
+    try:
+        # the forged line after an encoded LF, and an encoded CR and ANSI erase-screen in the path
+        line = f"2026-12-07 12:00:00,000 level=INFO logger=service.http {forged}"
+        path = b"/v1/embed%0a" + line.replace(" ", "%20").encode()
+        _raw_request(base, b"GET " + path + b"%0d%1b%5B2J HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
+        # raw control characters in header values: the HTTP parser refuses the request
+        _raw_request(base, b"POST /v1/embed HTTP/1.1\r\nHost: x\r\nX-Request-ID: a\x1b[31mb\r\n"
+                           b"Connection: close\r\nContent-Length: 0\r\n\r\n")
+        # what the parser lets through: a forged id and variant in headers, control characters in the body
+        _raw_request(base, b"POST /v1/embed HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+                           b"X-Request-ID: admin event=request\r\nX-Variant: fp32 status=200\r\n"
+                           b"Connection: close\r\nContent-Length: " + str(len(body)).encode() + b"\r\n\r\n", body)
+        assert httpx.get(f"{base}/livez").status_code == 200
+    finally:
+        for h in handlers:
+            logging.getLogger().removeHandler(h)
+        http_logger.setLevel(level)
+    text, js = streams["text"].getvalue(), streams["json"].getvalue()
+    assert "\r" not in text + js and "\x1b" not in text + js
+    text_lines = text.splitlines()
+    assert all(" level=" in line for line in text_lines)  # every line is an event of its own
+    json_lines = [json.loads(line) for line in js.splitlines()]  # every line parses
+    assert len(json_lines) == len(text_lines)
+    forged_lines = [line for line in text_lines if "/v1/admin" in line]
+    assert len(forged_lines) == 1 and "event=request method=\"GET\" path=\"/v1/embed\\n" in forged_lines[0]
+    assert not any("request_id=admin" in line.split(" level=")[1].split(" event=")[0] for line in text_lines)
