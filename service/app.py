@@ -15,6 +15,7 @@ from .config import Settings
 from .errors import install_error_handlers
 from .fastroutes import FastRoutes
 from .metrics import Metrics
+from .openapi import customize as customize_openapi
 from .middleware import ApiKeyMiddleware, BodyGuardMiddleware, Lifecycle, RequestContextMiddleware
 from .builder import VariantBuilder
 from .catalog import Catalog, StartupError
@@ -23,6 +24,7 @@ from .schemas import COMMON_ERRORS
 from .serving import Serving
 
 log = logging.getLogger("service")
+UI_PATHS = ["/docs", "/docs/oauth2-redirect", "/redoc", "/openapi.json", "/dashboard"]
 
 
 def create_app(settings: Settings, on_startup_failure: Callable[[str], None] | None = None, *,
@@ -85,8 +87,12 @@ def create_app(settings: Settings, on_startup_failure: Callable[[str], None] | N
         app.add_middleware(FastRoutes, serving=serving)
     app.add_middleware(BodyGuardMiddleware, max_body_bytes=settings.limits.max_body_bytes)
     keys = settings.auth.keys()
+    # the API's description and the dashboard's page and files hold no data: /docs and /dashboard ask for the key
+    public = [*settings.auth.public_paths, *UI_PATHS]
+    log.info("event=auth enabled=%s keys=%d", "true" if keys else "false", len(keys))
     if keys:
-        app.add_middleware(ApiKeyMiddleware, keys=keys, public_paths=settings.auth.public_paths)
+        app.add_middleware(ApiKeyMiddleware, keys=keys, public_paths=public, public_prefixes=[dashboard.STATIC_PREFIX])
+    customize_openapi(app, settings, public)
     if settings.cors.allow_origins:
         app.add_middleware(CORSMiddleware, allow_origins=settings.cors.allow_origins, allow_methods=["GET", "POST"],
                            allow_headers=settings.cors.allow_headers, expose_headers=["X-Request-ID", "X-Variant"])

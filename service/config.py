@@ -218,8 +218,23 @@ class LimitsConfig(_Strict):
 
 def _comma_separated(value: Any) -> Any:
     if isinstance(value, str):  # QUANTSERVE_AUTH__API_KEYS=key1,key2
-        return [k.strip() for k in value.split(",") if k.strip()]
+        keys = [k.strip() for k in value.split(",") if k.strip()]
+        if not keys:  # set, but to nothing usable: refuse rather than serve without keys
+            raise ValueError(f"holds no key ({value!r}); give one or more keys separated by commas, or unset it "
+                             f"to serve without keys")
+        return keys
     return value
+
+
+_KEY = re.compile(r"^[\x21-\x7e]{1,4096}$")  # what a client can send after "Bearer ": printable, no spaces
+
+
+def _usable(keys: list[str], where: str) -> list[str]:
+    for i, key in enumerate(keys):
+        if not _KEY.match(key):
+            raise ValueError(f"{where}: key {i + 1} is not usable (keys are 1 to 4096 printable ASCII characters "
+                             f"without spaces); fix or remove it")
+    return keys
 
 
 class AuthConfig(_Strict):
@@ -231,22 +246,26 @@ class AuthConfig(_Strict):
 
     def keys(self) -> list[str]:
         """Every configured key (the file is read once, at start-up)."""
-        keys = [k.get_secret_value() for k in self.api_keys]
-        if self.api_keys_file is not None:
-            lines = self.api_keys_file.read_text(encoding="utf-8").splitlines()
-            keys += [line.strip() for line in lines if line.strip() and not line.lstrip().startswith("#")]
-        return keys
+        return _usable([k.get_secret_value().strip() for k in self.api_keys], "api_keys") + self.file_keys()
+
+    def file_keys(self) -> list[str]:
+        if self.api_keys_file is None:
+            return []
+        lines = self.api_keys_file.read_text(encoding="utf-8").splitlines()
+        return _usable([line.strip() for line in lines if line.strip() and not line.lstrip().startswith("#")],
+                       f"api_keys_file {self.api_keys_file}")
 
     @model_validator(mode="after")
-    def _readable_file(self) -> "AuthConfig":
-        if self.api_keys_file is not None:
-            try:
-                keys = self.keys()
-            except OSError as exc:
-                raise ValueError(f"api_keys_file {self.api_keys_file} cannot be read ({exc.strerror}); "
-                                 f"give an existing file with one key per line") from None
-            if not keys:
-                raise ValueError(f"api_keys_file {self.api_keys_file} holds no key; write one key per line")
+    def _usable_keys(self) -> "AuthConfig":
+        """Auth fails closed: a key setting that yields no usable key stops start-up."""
+        try:
+            from_file = self.file_keys()
+        except OSError as exc:
+            raise ValueError(f"api_keys_file {self.api_keys_file} cannot be read ({exc.strerror}); "
+                             f"give an existing file with one key per line") from None
+        self.keys()
+        if self.api_keys_file is not None and not from_file:
+            raise ValueError(f"api_keys_file {self.api_keys_file} holds no key; write one key per line")
         return self
 
 

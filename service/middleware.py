@@ -22,9 +22,9 @@ from typing import Any
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from .context import REQUEST_ID_HEADER, TIMEOUT_HEADER, RequestContext, activate, current, deactivate, request_id_from
+from .errors import (BadRequest, InferenceFailed, InvalidInput, PayloadTooLarge, ServiceError, ShuttingDown,
+                     Unauthorized, UnsupportedMediaType, error_response)
 from .logs import quote
-from .errors import (InferenceFailed, InvalidInput, PayloadTooLarge, ServiceError, ShuttingDown, Unauthorized,
-                     UnsupportedMediaType, error_response)
 
 log = logging.getLogger("service.http")
 HEALTH_PATHS = ("/livez", "/readyz", "/metrics")  # answered while draining: probes must see the truth
@@ -109,11 +109,13 @@ class RequestContextMiddleware:
 
 
 class ApiKeyMiddleware:
-    def __init__(self, app: ASGIApp, *, keys: list[str], public_paths: list[str]) -> None:
+    def __init__(self, app: ASGIApp, *, keys: list[str], public_paths: list[str],
+                 public_prefixes: list[str] = ()) -> None:
         self.app = app
         # digests of equal length: compare_digest's time then depends on neither key's length nor content
         self._digests = [hashlib.sha256(k.encode("utf-8")).digest() for k in keys]
         self._public = set(public_paths)
+        self._public_prefixes = tuple(public_prefixes)
 
     def _authorized(self, header: str | None) -> bool:
         scheme, _, token = (header or "").partition(" ")
@@ -122,8 +124,15 @@ class ApiKeyMiddleware:
         return scheme.lower() == "bearer" and any(matches)
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if (scope["type"] != "http" or scope["path"] in self._public or scope["method"] == "OPTIONS"
-                or self._authorized(_headers(scope).get("authorization"))):
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        given = [v.decode("latin-1") for k, v in scope.get("headers", []) if k.lower() == b"authorization"]
+        if len(given) > 1:  # parts of the stack would read the first, others the last: refuse the ambiguity
+            await _reply(BadRequest(f"{len(given)} Authorization headers; send exactly one"), scope, receive, send)
+            return
+        if (scope["path"] in self._public or scope["path"].startswith(self._public_prefixes)
+                or scope["method"] == "OPTIONS" or self._authorized(given[0] if given else None)):
             await self.app(scope, receive, send)
             return
         await _reply(Unauthorized("a valid API key is required: send 'Authorization: Bearer <key>'",
@@ -141,9 +150,10 @@ class BodyGuardMiddleware:
             return
         headers = _headers(scope)
         ctype = headers.get("content-type", "").split(";")[0].strip().lower()
-        if ctype and not (ctype == "application/json" or (ctype.startswith("application/") and ctype.endswith("+json"))):
-            await _reply(UnsupportedMediaType(f"Content-Type {ctype!r} is not accepted; send JSON with "
-                                              f"'Content-Type: application/json'"), scope, receive, send)
+        if not (ctype == "application/json" or (ctype.startswith("application/") and ctype.endswith("+json"))):
+            said = f"Content-Type {ctype!r} is not accepted" if ctype else "the request has no Content-Type"
+            await _reply(UnsupportedMediaType(f"{said}; send JSON with 'Content-Type: application/json'"),
+                         scope, receive, send)
             return
         try:
             declared = int(headers.get("content-length", "0") or 0)

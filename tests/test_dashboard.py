@@ -123,3 +123,39 @@ def test_chromium_shows_both_variants_live_and_compares_them_on_a_text(tmp_path)
         assert not foreign, f"the page reached outside the service: {foreign}"
         assert not errors, f"the page logged errors: {errors}"
     assert (tmp_path / "dashboard.png").stat().st_size > 20_000
+
+
+def test_with_api_keys_on_the_page_asks_for_a_key_and_keeps_it_in_session_storage_only(tmp_path, monkeypatch):
+    chromium = require_tool("chromium")
+    from playwright.sync_api import expect, sync_playwright
+
+    config = tmp_path / "m.yaml"
+    config.write_text("models:\n - {name: minilm, task: embed, source: minilm, variants: [{name: fp32, strategy: fp32}]}\n")
+    monkeypatch.setenv("QUANTSERVE_AUTH__API_KEYS", "dash-key-1")
+    with running_service(config, probe_texts=4) as (base, _app):
+        assert httpx.get(f"{base}/v1/models").status_code == 401
+        with sync_playwright() as pw:
+            browser = pw.chromium.launch(executable_path=chromium, args=CHROMIUM_ARGS)
+            page = browser.new_page()
+            errors: list[str] = []
+            page.on("pageerror", lambda exc: errors.append(str(exc)))
+            page.goto(f"{base}/dashboard")
+            expect(page.locator("#key-form")).to_be_visible(timeout=20_000)
+            expect(page.locator("#status")).to_have_text("waiting for an API key")
+            page.fill("#key-input", "wrong-key")
+            page.click("#key-send")
+            expect(page.locator("#key-message")).to_have_text("that key was refused; enter another", timeout=20_000)
+            page.fill("#key-input", "dash-key-1")
+            page.click("#key-send")
+            card = page.locator('.card.variant[data-model="minilm"][data-variant="fp32"]')
+            expect(card).to_be_visible(timeout=20_000)
+            expect(page.locator("#key-form")).to_be_hidden()
+            page.fill("#compare-text", "A man is playing a guitar.")
+            page.click("#compare-send")
+            expect(page.locator('#compare-results [data-variant="fp32"] .outputs')).to_contain_text("384 dimensions",
+                                                                                                  timeout=20_000)
+            stored = page.evaluate("() => [sessionStorage.getItem('quantserve.api_key'), localStorage.length, "
+                                   "document.cookie, location.href]")
+            assert stored == ["dash-key-1", 0, "", f"{base}/dashboard"]
+            browser.close()
+        assert not errors, errors

@@ -53,7 +53,12 @@ HOSTILE = [
     ("bad truncation policy", "/v1/embed", _raw({"inputs": ["ok"], "truncation": "cut"}), {}, 422, "truncation"),
     ("body over the byte limit", "/v1/embed", _raw({"inputs": ["x" * 4000] * 80}), {}, 413, "300000 bytes"),
     ("deeply nested JSON", "/v1/embed", b'{"inputs": ' + b"[" * 100_000 + b"]" * 100_000 + b"}", {}, 400, None),
-    ("invalid JSON", "/v1/embed", b'{"inputs": ["x"', {}, 422, "JSON"),
+    ("invalid JSON", "/v1/embed", b'{"inputs": ["x"', {}, 400, "not valid JSON"),
+    ("no content type", "/v1/embed", _raw({"inputs": ["x"]}), {"Content-Type": ""}, 415, "no Content-Type"),
+    ("10,000 inputs, OpenAI shape", "/v1/embeddings", _raw({"input": ["x"] * 10_000, "model": "minilm"}), {}, 422,
+     "10000 inputs, more than the limit of 64"),
+    ("a text over the hard ceiling", "/v1/embed", _raw({"inputs": ["x" * 100_001]}), {}, 422,
+     "100001 characters, more than the limit of 5000"),
     ("JSON that is a list", "/v1/embed", b'["x"]', {}, 422, "body"),
     ("null inputs", "/v1/embed", b'{"inputs": null}', {}, 422, "inputs"),
     ("wrong content type", "/v1/embed", b"inputs=x", {"Content-Type": "application/x-www-form-urlencoded"}, 415,
@@ -126,6 +131,17 @@ def test_limits_are_discoverable_in_v1_models(hostile_server):
     assert limits["max_inputs"] == 64 and limits["max_chars"] == 5000 and limits["max_body_bytes"] == 300000
     assert limits["max_queue"] == 64 and limits["max_input_tokens"] == {"minilm": 64, "intent": 256}
     assert limits["truncation"] == "truncate" and limits["request_timeout_s"] == 60
+    # the OpenAPI document states the same limits, so a request that keeps to it is never refused for one
+    schemas = httpx.get(f"{base}/openapi.json").json()["components"]["schemas"]
+    for name in ("EmbedRequest", "ClassifyRequest"):
+        inputs = schemas[name]["properties"]["inputs"]
+        assert (inputs["maxItems"], inputs["items"]["maxLength"]) == (64, 5000), name
+    compare = schemas["CompareRequest"]["properties"]["inputs"]
+    assert (compare["maxItems"], compare["items"]["maxLength"]) == (32, 5000)
+    translate = schemas["TranslateRequest"]["properties"]["inputs"]
+    assert (translate["maxItems"], translate["items"]["maxLength"]) == (64, 4000)
+    openai = json.dumps(schemas["OpenAIEmbeddingsRequest"]["properties"]["input"])
+    assert '"maxItems": 64' in openai and '"maxLength": 5000' in openai and "2048" not in openai
 
 
 def test_a_variant_that_failed_to_build_is_reported_and_refused_while_the_rest_serve(hostile_server):
@@ -313,6 +329,47 @@ def test_api_keys_no_key_and_wrong_key_get_401_the_right_key_200(keyed_server):
         assert httpx.get(f"{base}{public}").status_code == 200
     assert httpx.get(f"{base}/v1/models").status_code == 401
     assert "env-key-1" not in repr(settings) and "env-key-1" not in settings.model_dump_json()
+
+
+def test_auth_fails_closed_and_states_itself(keyed_server, tmp_path, monkeypatch, caplog):
+    base, settings = keyed_server
+    # a key setting that yields no usable key stops start-up instead of serving without keys
+    for value in (",", " ", "", " , ,"):
+        monkeypatch.setenv("QUANTSERVE_AUTH__API_KEYS", value)
+        with pytest.raises(ConfigError, match="auth.api_keys: holds no key"):
+            load_settings()
+    monkeypatch.setenv("QUANTSERVE_AUTH__API_KEYS", "has space")
+    with pytest.raises(ConfigError, match="key 1 is not usable") as err:
+        load_settings()
+    assert "has space" not in str(err.value)
+    monkeypatch.delenv("QUANTSERVE_AUTH__API_KEYS")
+    (tmp_path / "keys").write_text("# only a comment\n\n")
+    (tmp_path / "m.yaml").write_text(f"auth: {{api_keys_file: {tmp_path / 'keys'}}}\nmodels:\n - {{name: m, task: embed, "
+                                     "source: minilm, variants: [{name: fp32, strategy: fp32}]}\n")
+    with pytest.raises(ConfigError, match="holds no key"):
+        load_settings(tmp_path / "m.yaml")
+    # start-up says whether auth is on and how many keys it has, never the keys
+    caplog.set_level("INFO", logger="service")
+    create_app(settings)
+    create_app(load_settings(probe_texts=4))
+    lines = [r.getMessage() for r in caplog.records if "event=auth" in r.getMessage()]
+    assert lines == ["event=auth enabled=true keys=3", "event=auth enabled=false keys=0"]
+    assert not any("env-key" in r.getMessage() or "file-key" in r.getMessage() for r in caplog.records)
+
+
+def test_with_keys_on_docs_can_authorize_and_two_authorization_headers_are_refused(keyed_server):
+    base, _ = keyed_server
+    assert httpx.get(f"{base}/docs").status_code == 200
+    doc = httpx.get(f"{base}/openapi.json").json()
+    assert doc["components"]["securitySchemes"]["bearer"] == {
+        "type": "http", "scheme": "bearer", "description": doc["components"]["securitySchemes"]["bearer"]["description"]}
+    assert doc["security"] == [{"bearer": []}]
+    assert doc["paths"]["/livez"]["get"]["security"] == [] and "security" not in doc["paths"]["/v1/embed"]["post"]
+    two = httpx.post(f"{base}/v1/embed", json={"inputs": ["x"]},
+                     headers=[("Authorization", "Bearer env-key-1"), ("Authorization", "Bearer wrong")])
+    assert two.status_code == 400 and "2 Authorization headers" in two.json()["error"]["message"]
+    assert httpx.post(f"{base}/v1/embed", json={"inputs": ["x"]},
+                      headers={"Authorization": "Bearer env-key-1"}).status_code == 200
 
 
 def test_cors_is_off_by_default_and_answers_configured_origins(keyed_server, hostile_server):

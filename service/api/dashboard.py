@@ -16,6 +16,7 @@ from ..errors import ServiceError
 
 router = APIRouter(include_in_schema=False)
 STATIC = resources.files("service").joinpath("static")
+STATIC_PREFIX = "/dashboard/static/"
 MEDIA_TYPES = {".js": "text/javascript", ".css": "text/css", ".html": "text/html", "": "text/plain"}
 
 
@@ -47,7 +48,7 @@ async def dashboard() -> HTMLResponse:
                         headers={"Cache-Control": "no-cache"})
 
 
-@router.get("/dashboard/static/{path:path}")
+@router.get(STATIC_PREFIX + "{path:path}")
 async def static_file(path: str) -> FileResponse:
     file = FILES.get(path)
     if file is None:

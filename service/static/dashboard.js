@@ -25,6 +25,32 @@ const fmt = {
 };
 const color = (i) => COLORS[i % COLORS.length];
 
+// With API keys on, the page asks for one and keeps it in this tab's session storage only (gone when the
+// tab closes; never in a cookie, local storage or the URL), and sends it as a bearer token.
+const KEY_ITEM = "quantserve.api_key";
+class NeedsKey extends Error {}
+async function api(url, options = {}) {
+  const key = sessionStorage.getItem(KEY_ITEM);
+  const headers = { ...(options.headers || {}), ...(key ? { authorization: `Bearer ${key}` } : {}) };
+  const resp = await fetch(url, { ...options, headers });
+  if (resp.status === 401) {
+    sessionStorage.removeItem(KEY_ITEM);
+    $("#key-form").hidden = false;
+    $("#key-message").textContent = key ? "that key was refused; enter another" : "this service needs an API key";
+    throw new NeedsKey("an API key is needed");
+  }
+  return resp;
+}
+function useKey(event) {
+  event.preventDefault();
+  const input = $("#key-input");
+  if (!input.value.trim()) return;
+  sessionStorage.setItem(KEY_ITEM, input.value.trim());
+  input.value = "";
+  $("#key-form").hidden = true;
+  refresh();
+}
+
 function fidelityText(fid) {
   if (!fid) return "–";
   if ("mean_cosine" in fid) return `cos ${fmt.num(fid.mean_cosine)} (min ${fmt.num(fid.min_cosine)})`;
@@ -126,7 +152,7 @@ function fillModelSelect(models) {
 // The process's resident memory, live, from the Prometheus text at /metrics (all variants of
 // every model share this one process).
 async function refreshProcessMemory() {
-  const text = await (await fetch("/metrics", { cache: "no-store" })).text();
+  const text = await (await api("/metrics", { cache: "no-store" })).text();
   const match = text.match(/^process_resident_memory_bytes (\S+)$/m);
   $("#process-memory").textContent = match ? `process memory ${fmt.mb(Number(match[1]))} · ` : "";
 }
@@ -135,7 +161,7 @@ async function refresh() {
   const status = $("#status");
   refreshProcessMemory().catch(() => { $("#process-memory").textContent = ""; });
   try {
-    const resp = await fetch("/v1/models", { cache: "no-store" });
+    const resp = await api("/v1/models", { cache: "no-store" });
     const body = await resp.json();
     const now = Date.now();
     const rates = throughput(body.models, now);
@@ -145,7 +171,7 @@ async function refresh() {
     status.textContent = (body.ready ? "ready" : "loading models…") + " · updated " + new Date(now).toLocaleTimeString();
     status.parentElement.classList.toggle("down", !body.ready);
   } catch (err) {
-    status.textContent = "cannot reach the service: " + err;
+    status.textContent = err instanceof NeedsKey ? "waiting for an API key" : "cannot reach the service: " + err;
     status.parentElement.classList.add("down");
   }
 }
@@ -167,7 +193,7 @@ async function compare(event) {
   const button = $("#compare-send"), error = $("#compare-error"), results = $("#compare-results");
   button.disabled = true; error.textContent = "";
   try {
-    const resp = await fetch("/v1/compare", { method: "POST", headers: { "content-type": "application/json" },
+    const resp = await api("/v1/compare", { method: "POST", headers: { "content-type": "application/json" },
       body: JSON.stringify({ model, inputs: [text] }) });
     const body = await resp.json();
     if (!resp.ok) throw new Error(body.error ? body.error.message : resp.statusText);
@@ -191,5 +217,6 @@ async function compare(event) {
 }
 
 $("#compare-form").addEventListener("submit", compare);
+$("#key-form").addEventListener("submit", useKey);
 refresh();
 setInterval(refresh, REFRESH_MS);
