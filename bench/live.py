@@ -102,7 +102,11 @@ class ServiceProcess:
 def thread_server(app: Any, timeout: float = 900.0) -> Iterator[tuple[str, bool]]:
     """uvicorn in a daemon thread: yields (base url, whether /readyz said 503 before 200); stops on exit."""
     port = free_port()
-    srv = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning"))
+    from service.connections import protocol_class
+
+    http = protocol_class(app.state.settings.connections, app.state.lifecycle) if hasattr(app.state, "settings") \
+        else "auto"  # the service's own connection limits, as python -m service serves it
+    srv = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning", http=http))
     thread = threading.Thread(target=srv.run, daemon=True)
     thread.start()
     url = f"http://127.0.0.1:{port}"

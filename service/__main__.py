@@ -32,6 +32,7 @@ import uvicorn  # noqa: E402
 
 from .app import create_app  # noqa: E402
 from .config import ConfigError, load_settings  # noqa: E402
+from .connections import protocol_class  # noqa: E402
 from .logs import configure_logging  # noqa: E402
 from .shutdown import GracefulServer  # noqa: E402
 
@@ -63,8 +64,9 @@ def main(argv: list[str] | None = None) -> int:
     app = create_app(settings, on_startup_failure=stop)
     # log_config=None: keep our handler; access lines come from the request middleware, with the request id
     config = uvicorn.Config(app, host=settings.host, port=settings.port, log_config=None, access_log=False,
-                            timeout_graceful_shutdown=settings.grace_period_s, timeout_keep_alive=settings.keep_alive_s)
-    server = GracefulServer(config, app.state.lifecycle, settings.grace_period_s)
+                            timeout_graceful_shutdown=settings.grace_period_s, timeout_keep_alive=settings.keep_alive_s,
+                            http=protocol_class(settings.connections, app.state.lifecycle))
+    server = GracefulServer(config, app.state.lifecycle, settings.grace_period_s, settings.drain_delay_s)
     server.run()
     if failure:
         print(f"error: {failure[0]}", file=sys.stderr)

@@ -275,6 +275,24 @@ class CorsConfig(_Strict):
                                       "X-Request-Key", "X-Request-Timeout"])
 
 
+class ConnectionsConfig(_Strict):
+    """What one connection may take (service/connections.py)."""
+
+    guard: bool = Field(True, description="enforce these limits (they extend uvicorn's HTTP protocol; off: "
+                                          "uvicorn's own, unbounded)")
+    header_timeout_s: float = Field(10.0, gt=0, le=300, description="from a connection's opening (or a keep-alive "
+                                    "request's first byte) to the end of the request's headers; slower: 408, or a "
+                                    "close when nothing was sent")
+    max_headers: int = Field(100, ge=8, le=10_000, description="headers per request; more: 431")
+    max_header_bytes: int = Field(65_536, ge=1024, le=4_194_304, description="request line and headers, in bytes; "
+                                  "more: 431")
+    body_min_rate: int = Field(1024, ge=1, description="bytes per second a request body must average after "
+                               "body_grace_s; slower: 408")
+    body_grace_s: float = Field(5.0, gt=0, le=300, description="time a body may take before body_min_rate applies")
+    drain_body_s: float = Field(5.0, gt=0, le=300, description="once the service drains, a body still arriving "
+                                "after this is cut off, so a stalled client cannot hold the shutdown")
+
+
 class SpeedupsConfig(_Strict):
     """Speed-ups that reach into torch or Python internals, each switchable alone (quantization.internals)."""
 
@@ -316,8 +334,12 @@ class Settings(BaseSettings):
     cors: CorsConfig = Field(default_factory=CorsConfig)
     keep_alive_s: float = Field(75.0, gt=0, le=3600, description="idle keep-alive connections are closed after "
                                 "this; keep it above the idle timeout of clients and load balancers in front")
-    grace_period_s: float = Field(30.0, ge=0, le=3600, description="after SIGTERM: time for accepted requests to "
-                                                                    "finish before the process exits")
+    drain_delay_s: float = Field(5.0, ge=0, le=300, description="after SIGTERM: /readyz answers 503 and new requests "
+                                 "get 503 with Connection: close for this long before the listener closes, so load "
+                                 "balancers notice first")
+    grace_period_s: float = Field(30.0, ge=0, le=3600, description="after the drain delay: time for accepted requests "
+                                                                    "to finish before the process exits")
+    connections: ConnectionsConfig = Field(default_factory=ConnectionsConfig)
     on_variant_failure: Literal["stop", "mark_unavailable"] = Field(
         "stop", description="a variant that fails to build: stop start-up, or serve without it (reported in "
                             "/v1/models and /readyz; requests for it get 503)")

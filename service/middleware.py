@@ -21,6 +21,7 @@ from typing import Any
 
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
+from .connections import received_at
 from .context import REQUEST_ID_HEADER, TIMEOUT_HEADER, RequestContext, activate, current, deactivate, request_id_from
 from .errors import (BadRequest, InferenceFailed, InvalidInput, PayloadTooLarge, ServiceError, ShuttingDown,
                      Unauthorized, UnsupportedMediaType, error_response)
@@ -44,6 +45,19 @@ class Lifecycle:
     def __init__(self) -> None:
         self.inflight = 0
         self.draining = False
+        self.drain_started: float | None = None  # time.monotonic() of the signal
+
+    def start_draining(self) -> None:
+        self.draining = True
+        self.drain_started = time.monotonic()
+
+    def admits(self, scope: Scope) -> bool:
+        """Whether a request is served: always before the signal; after it, only one whose headers were
+        complete before it (a stamp from service.connections), and health probes."""
+        if not self.draining or scope["path"] in HEALTH_PATHS:
+            return True
+        arrived = received_at(scope)
+        return arrived is not None and self.drain_started is not None and arrived < self.drain_started
 
 
 class RequestContextMiddleware:
@@ -75,7 +89,7 @@ class RequestContextMiddleware:
             timeout = headers.get(TIMEOUT_HEADER.lower())
             if timeout is not None:
                 ctx.deadline = time.monotonic() + self._client_timeout(timeout)
-            if self.lifecycle.draining and scope["path"] not in HEALTH_PATHS:
+            if not self.lifecycle.admits(scope):
                 raise ShuttingDown("the service is shutting down; retry on another replica",
                                    headers={"Retry-After": "1", "Connection": "close"})
             self.lifecycle.inflight += 1

@@ -27,7 +27,7 @@ IMAGE = "localhost/quantserve:test"
 BASE_IMAGE = "localhost/quantserve-base:bookworm"
 DOCKERFILE = ROOT / "docker" / "Dockerfile"
 CA_BUNDLE = "/etc/ssl/certs/ca-certificates.crt"
-GRACE_S = 30  # the Deployment's terminationGracePeriodSeconds
+GRACE_S = 45  # the Deployment's terminationGracePeriodSeconds
 
 
 def podman(*args: str, timeout: float = 120, check: bool = True) -> subprocess.CompletedProcess:

@@ -168,3 +168,24 @@ def test_pods_run_non_root_read_only_with_resources_sized_from_measured_memory(o
         assert row["peak_rss_bytes"] * 1.15 <= limit <= row["peak_rss_bytes"] * 1.6, \
             f"{overlay}: limit {limit / 2**20:.0f} MiB not 15-60% above the measured peak {row['peak_rss_bytes'] / 2**20:.0f} MiB"
         assert float(res["requests"]["cpu"]) <= float(res["limits"]["cpu"]) == float(env(container)["QUANTSERVE_THREADS"])
+
+
+EXIT_MARGIN_S = 5  # from the end of the grace period to the process's exit (closing sockets, stopping batchers)
+
+
+@pytest.mark.parametrize("overlay", list(OVERLAYS))
+def test_the_pod_grace_period_holds_pre_stop_drain_delay_and_grace(overlay, rendered, tmp_path):
+    """SIGKILL must never cut a drain short: preStop + drain_delay_s + grace_period_s + exit <= the pod's grace."""
+    for deployment in of_kind(rendered[overlay], "Deployment"):
+        pod = deployment["spec"]["template"]["spec"]
+        (container,) = pod["containers"]
+        command = container["lifecycle"]["preStop"]["exec"]["command"]
+        assert command[0] == "sleep"
+        path = tmp_path / "models.yaml"
+        path.write_text(pod_config(rendered[overlay], deployment))
+        settings = load_settings(path)
+        needed = float(command[1]) + settings.drain_delay_s + settings.grace_period_s + EXIT_MARGIN_S
+        assert needed <= pod["terminationGracePeriodSeconds"], (overlay, needed)
+        # and the drain delay outlasts the readiness probe's notice: failureThreshold x periodSeconds after preStop
+        probe = container["readinessProbe"]
+        assert float(command[1]) + settings.drain_delay_s >= probe["periodSeconds"] * probe["failureThreshold"]
