@@ -744,6 +744,7 @@ class SteppedModel:
         self.taken = 0
         self.entered = threading.Event()
         self.finished = threading.Event()
+        self.gate = threading.Event()  # never closed: only so it can stand where a FakeModel does
         self.threads: list[int] = []
 
     def __call__(self, items: list[str]) -> list[str]:
@@ -762,21 +763,7 @@ class SteppedModel:
 
 
 def _stepped_pair(body: Callable[..., Awaitable[T]], host: SteppedModel, other: FakeModel) -> T:
-    async def main() -> T:
-        lane = ModelLane("test-lane")
-        config = BatchConfig(max_batch_size=8, max_wait_ms=1)
-        a = DynamicBatcher("translate/a", host, config, lane=lane)
-        b = DynamicBatcher("embed/b", other, config, lane=lane)
-        await a.start()
-        await b.start()
-        try:
-            return await body(a, b)
-        finally:
-            await a.stop(drain=True)
-            await b.stop(drain=True)
-            lane.shutdown()
-
-    return arun(main, other, timeout=20)
+    return _lane_pair(body, host, other, BatchConfig(max_batch_size=8, max_wait_ms=1))  # type: ignore[arg-type]
 
 
 def test_other_models_run_between_the_steps_of_long_work_on_the_same_thread() -> None:

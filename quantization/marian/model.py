@@ -30,6 +30,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ..steps import checkpoint
 from .binary import MarianTensor
 
 LN_EPS = 1e-6
@@ -150,10 +151,14 @@ class TinyTransformer(nn.Module):
         return x + sinusoidal_positions(torch.arange(start, start + ids.shape[-1]), self.config.dim).to(x.dtype)
 
     def encode(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> DecoderState:
-        """Run the encoder and project its output once for every decoder layer's attention."""
+        """Run the encoder and project its output once for every decoder layer's attention.
+
+        A :func:`~quantization.steps.checkpoint` before each layer: encoding a long batch (16 inputs of 256
+        tokens: ~0.6 s on 2 cores) is a step per layer, not one block."""
         x = self.embed(input_ids)
         key_mask = ((1.0 - attention_mask.to(x.dtype)) * MASK_VALUE)[:, None, None, :]
         for layer in self.encoder:
+            checkpoint()
             x = layer(x, key_mask)
         kv = [layer.context.keys_values(x) for layer in self.decoder]
         cells = [x.new_zeros(x.shape[0], self.config.dim) for _ in self.decoder]
