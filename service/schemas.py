@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from typing import Annotated, Any, Literal
 
-from pydantic import AfterValidator, BaseModel, ConfigDict, Field, StringConstraints
+from pydantic import AfterValidator, BaseModel, BeforeValidator, ConfigDict, Field, StringConstraints
 
 from quantization.tasks.translate import Translate
 
@@ -23,6 +23,14 @@ Inputs = Annotated[list[Text], Field(min_length=1, max_length=MAX_INPUTS_CEILING
 Truncation = Annotated[Literal["truncate", "error"] | None, Field(
     None, description="inputs over the model's max_input_tokens: cut them (truncate) or refuse the request (error); "
                       "default: the server's limits.truncation")]
+
+
+def _integral(value: Any) -> Any:
+    """JSON Schema's "integer" includes 3.0: take it as 3 (strict mode still refuses 3.5, "3" and true)."""
+    return int(value) if isinstance(value, float) and value.is_integer() else value
+
+
+Integer = Annotated[int, BeforeValidator(_integral)]
 
 
 class _Request(BaseModel):
@@ -65,7 +73,7 @@ class EmbedResponse(Timing):
 class ClassifyRequest(_Request):
     model: str | None = Field(None, description="classification model (default: the first configured)")
     inputs: Inputs
-    top_k: int = Field(1, ge=1, le=1000, description="labels to return per input, best first")
+    top_k: Integer = Field(1, ge=1, le=1000, description="labels to return per input, best first")
     variant: str | None = Field(None, description="pin a variant (also: X-Variant header)")
     truncation: Truncation
 
@@ -117,7 +125,7 @@ class OpenAIEmbeddingsRequest(BaseModel):
     input: Text | Inputs
     model: str
     encoding_format: Literal["float", "base64"] = "float"
-    dimensions: int | None = Field(None, ge=1, description="must equal the model's dimension if given")
+    dimensions: Integer | None = Field(None, ge=1, description="must equal the model's dimension if given")
     user: str | None = None
 
 
@@ -177,7 +185,9 @@ def _not_blank(text: str) -> str:
     return text
 
 
+# the schema states "not only whitespace" as a pattern (JSON Schema's patterns search); _not_blank checks it
 TranslateText = Annotated[str, StringConstraints(min_length=1, max_length=MAX_TRANSLATE_CHARS),
+                          Field(json_schema_extra={"pattern": r"\S"}),
                           AfterValidator(_not_blank)]
 
 
@@ -191,8 +201,8 @@ class TranslateRequest(_Request):
     source_lang: Lang | None = Field(None, description="e.g. en")
     target_lang: Lang | None = Field(None, description="e.g. pt")
     variant: str | None = Field(None, description="pin a variant (also: X-Variant header)")
-    beam_size: int | None = Field(None, ge=1, le=8, description="beam width (default: the model's, 1 for Bergamot)")
-    max_new_tokens: int | None = Field(None, ge=1, le=512, description="cap on generated tokens per input; output "
+    beam_size: Integer | None = Field(None, ge=1, le=8, description="beam width (default: the model's, 1 for Bergamot)")
+    max_new_tokens: Integer | None = Field(None, ge=1, le=512, description="cap on generated tokens per input; output "
                                                                         "is also capped at 2.5 x the input's tokens")
     truncation: Truncation
 
