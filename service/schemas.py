@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from typing import Annotated, Any, Literal
 
-from pydantic import AfterValidator, BaseModel, BeforeValidator, ConfigDict, Field, StringConstraints
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, StringConstraints, field_validator
 
 from quantization.tasks.translate import Translate
 
@@ -26,11 +26,9 @@ Truncation = Annotated[Literal["truncate", "error"] | None, Field(
 
 
 def _integral(value: Any) -> Any:
-    """JSON Schema's "integer" includes 3.0: take it as 3 (strict mode still refuses 3.5, "3" and true)."""
+    """JSON Schema's "integer" includes 3.0: take it as 3 (strict mode still refuses 3.5, "3" and true).
+    Applied with field_validator(mode="before"), so the fields' schemas keep their bounds."""
     return int(value) if isinstance(value, float) and value.is_integer() else value
-
-
-Integer = Annotated[int, BeforeValidator(_integral)]
 
 
 class _Request(BaseModel):
@@ -73,7 +71,8 @@ class EmbedResponse(Timing):
 class ClassifyRequest(_Request):
     model: str | None = Field(None, description="classification model (default: the first configured)")
     inputs: Inputs
-    top_k: Integer = Field(1, ge=1, le=1000, description="labels to return per input, best first")
+    top_k: int = Field(1, ge=1, le=1000, description="labels to return per input, best first")
+    _integral_top_k = field_validator("top_k", mode="before")(_integral)
     variant: str | None = Field(None, description="pin a variant (also: X-Variant header)")
     truncation: Truncation
 
@@ -125,7 +124,8 @@ class OpenAIEmbeddingsRequest(BaseModel):
     input: Text | Inputs
     model: str
     encoding_format: Literal["float", "base64"] = "float"
-    dimensions: Integer | None = Field(None, ge=1, description="must equal the model's dimension if given")
+    dimensions: int | None = Field(None, ge=1, description="must equal the model's dimension if given")
+    _integral_dimensions = field_validator("dimensions", mode="before")(_integral)
     user: str | None = None
 
 
@@ -201,9 +201,10 @@ class TranslateRequest(_Request):
     source_lang: Lang | None = Field(None, description="e.g. en")
     target_lang: Lang | None = Field(None, description="e.g. pt")
     variant: str | None = Field(None, description="pin a variant (also: X-Variant header)")
-    beam_size: Integer | None = Field(None, ge=1, le=8, description="beam width (default: the model's, 1 for Bergamot)")
-    max_new_tokens: Integer | None = Field(None, ge=1, le=512, description="cap on generated tokens per input; output "
+    beam_size: int | None = Field(None, ge=1, le=8, description="beam width (default: the model's, 1 for Bergamot)")
+    max_new_tokens: int | None = Field(None, ge=1, le=512, description="cap on generated tokens per input; output "
                                                                         "is also capped at 2.5 x the input's tokens")
+    _integral_decoding = field_validator("beam_size", "max_new_tokens", mode="before")(_integral)
     truncation: Truncation
 
 
