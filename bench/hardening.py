@@ -78,6 +78,8 @@ def percentile(values: list[float], q: float) -> float:
 
 
 def stalling_request() -> dict:
+    """16 inputs of 4,000 characters at beam 8 and 512 new tokens: within every limit, seconds of decoding
+    (tests/test_translate_service.py sends it too)."""
     from quantization.texts import translation_texts
 
     text = " ".join(translation_texts("en")[:80])[:4000]

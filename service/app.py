@@ -92,7 +92,7 @@ def create_app(settings: Settings, on_startup_failure: Callable[[str], None] | N
     log.info("event=auth enabled=%s keys=%d", "true" if keys else "false", len(keys))
     if keys:
         app.add_middleware(ApiKeyMiddleware, keys=keys, public_paths=public, public_prefixes=[dashboard.STATIC_PREFIX])
-    customize_openapi(app, settings, public)
+    customize_openapi(app, settings, public, bearer=bool(keys))
     if settings.cors.allow_origins:
         app.add_middleware(CORSMiddleware, allow_origins=settings.cors.allow_origins, allow_methods=["GET", "POST"],
                            allow_headers=settings.cors.allow_headers, expose_headers=["X-Request-ID", "X-Variant"])

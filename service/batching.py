@@ -292,14 +292,12 @@ def _watch(requests: list[_Request]) -> tuple[Callable[[], bool], Callable[[], N
     """(whether every one of ``requests`` is done: answered, failed or given up by its caller, which
     the lane thread may ask; a function that stops watching)."""
     gone = threading.Event()
-    live = {id(r) for r in requests if not r.future.done()}
+    live = {r.future for r in requests if not r.future.done()}
     if not live:
         gone.set()
 
     def done(future: asyncio.Future) -> None:
-        for r in requests:
-            if r.future is future:
-                live.discard(id(r))
+        live.discard(future)
         if not live:
             gone.set()
 

@@ -246,7 +246,10 @@ class AuthConfig(_Strict):
 
     def keys(self) -> list[str]:
         """Every configured key (the file is read once, at start-up)."""
-        return _usable([k.get_secret_value().strip() for k in self.api_keys], "api_keys") + self.file_keys()
+        return self.listed_keys() + self.file_keys()
+
+    def listed_keys(self) -> list[str]:
+        return _usable([k.get_secret_value().strip() for k in self.api_keys], "api_keys")
 
     def file_keys(self) -> list[str]:
         if self.api_keys_file is None:
@@ -263,7 +266,7 @@ class AuthConfig(_Strict):
         except OSError as exc:
             raise ValueError(f"api_keys_file {self.api_keys_file} cannot be read ({exc.strerror}); "
                              f"give an existing file with one key per line") from None
-        self.keys()
+        self.listed_keys()
         if self.api_keys_file is not None and not from_file:
             raise ValueError(f"api_keys_file {self.api_keys_file} holds no key; write one key per line")
         return self
@@ -385,8 +388,7 @@ class Settings(BaseSettings):
     @model_validator(mode="after")
     def _servable(self) -> "Settings":
         """A request that passes validation must fit in its variant's queue, or it would get 429 for ever."""
-        largest = max([self.input_limit(m.task) for m in self.models]
-                      + [min(COMPARE_MAX_INPUTS, self.input_limit(m.task)) for m in self.models])
+        largest = max(self.input_limit(m.task) for m in self.models)  # compare's 32 is never above it
         if self.batching.max_queue < largest:
             raise ValueError(f"batching.max_queue is {self.batching.max_queue}, smaller than the largest request the "
                              f"endpoints admit ({largest} inputs, from limits.max_inputs and the tasks' own limits); "

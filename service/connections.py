@@ -58,8 +58,7 @@ def protocol_class(limits: ConnectionsConfig, lifecycle: Any) -> Any:
 
         # -- headers ------------------------------------------------------------------------
         def _request_started(self) -> None:
-            self._in_headers, self._header_bytes, self._header_count, self._begun = True, 0, 0, time.monotonic()
-            self._body_bytes, self._body_started = 0, 0.0
+            self._in_headers, self._header_bytes, self._header_count, self._body_started = True, 0, 0, 0.0
             self._arm(limits.header_timeout_s)
 
         def data_received(self, data: bytes) -> None:
@@ -91,10 +90,9 @@ def protocol_class(limits: ConnectionsConfig, lifecycle: Any) -> Any:
             self._header_count = 0
             self.scope.setdefault("extensions", {})[EXTENSION] = time.monotonic()
             super().on_headers_complete()
-            length = dict(self.headers).get(b"content-length", b"0")
-            expects_body = dict(self.headers).get(b"transfer-encoding") is not None or length not in (b"0", b"")
-            if expects_body:
-                self._body_started = time.monotonic()
+            headers = dict(self.headers)
+            if b"transfer-encoding" in headers or headers.get(b"content-length", b"0") not in (b"0", b""):
+                self._body_bytes, self._body_started = 0, time.monotonic()
                 self._arm(1.0)
             else:
                 self._stop_timer()
@@ -141,7 +139,7 @@ def protocol_class(limits: ConnectionsConfig, lifecycle: Any) -> Any:
             if not self._body_started:
                 return
             elapsed = now - self._body_started
-            draining_for = now - lifecycle.drain_started if lifecycle.drain_started is not None else 0.0
+            draining_for = now - lifecycle.drain_started if lifecycle.draining else 0.0
             if draining_for > limits.drain_body_s:
                 self._cut_body(f"the service is shutting down and the body was still arriving after "
                                f"{limits.drain_body_s:g} s (connections.drain_body_s)")

@@ -44,11 +44,13 @@ class Lifecycle:
 
     def __init__(self) -> None:
         self.inflight = 0
-        self.draining = False
         self.drain_started: float | None = None  # time.monotonic() of the signal
 
+    @property
+    def draining(self) -> bool:
+        return self.drain_started is not None
+
     def start_draining(self) -> None:
-        self.draining = True
         self.drain_started = time.monotonic()
 
     def admits(self, scope: Scope) -> bool:
@@ -57,7 +59,7 @@ class Lifecycle:
         if not self.draining or scope["path"] in HEALTH_PATHS:
             return True
         arrived = received_at(scope)
-        return arrived is not None and self.drain_started is not None and arrived < self.drain_started
+        return arrived is not None and arrived < self.drain_started
 
 
 class RequestContextMiddleware:

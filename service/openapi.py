@@ -42,7 +42,7 @@ def _cap(node: Any, items: int, chars: int) -> None:
             _cap(value, items, chars)
 
 
-def customize(app: FastAPI, settings: Settings, public_paths: list[str]) -> None:
+def customize(app: FastAPI, settings: Settings, public_paths: list[str], bearer: bool) -> None:
     """Serve the document with the configured limits and, when keys are on, the bearer scheme
     (every operation but ``public_paths`` asks for it, so /docs can authorize)."""
     generate = app.openapi
@@ -57,7 +57,7 @@ def customize(app: FastAPI, settings: Settings, public_paths: list[str]) -> None
             for field in ("inputs", "input"):
                 if field in inputs:
                     _cap(inputs[field], items, chars)
-        if settings.auth.keys():
+        if bearer:
             schema.setdefault("components", {})["securitySchemes"] = {BEARER: {
                 "type": "http", "scheme": "bearer",
                 "description": "an API key from QUANTSERVE_AUTH__API_KEYS or auth.api_keys_file"}}

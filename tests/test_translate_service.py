@@ -9,6 +9,7 @@ import httpx
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
+from bench.hardening import stalling_request
 from bench.live import thread_server
 from quantization.tasks.translate import sentence_chrf
 from quantization.texts import translation_texts
@@ -136,12 +137,6 @@ def test_the_service_still_answers_after_bad_input(server):
     assert post(base, {"inputs": ["How are you today?"]}).json()["results"][0]["translation"] == "Como você está hoje?"
 
 
-def _stalling_request() -> dict:
-    """16 inputs of 4,000 characters at beam 8 and 512 new tokens: within every limit, seconds of decoding."""
-    text = " ".join(translation_texts("en")[:80])[:4000]
-    return {"inputs": [text] * 16, "beam_size": 8, "max_new_tokens": 512, "variant": "fp32", "model": "en-pt"}
-
-
 def test_a_long_translation_neither_stalls_other_models_nor_outlives_its_deadline(server, caplog):
     """The long batch lets the other model run between its decoder steps, and stops once its deadline passed."""
     base, app = server
@@ -149,7 +144,7 @@ def test_a_long_translation_neither_stalls_other_models_nor_outlives_its_deadlin
 
     async def go():
         async with httpx.AsyncClient(base_url=base, timeout=120) as client:
-            long = asyncio.ensure_future(client.post("/v1/translate", json=_stalling_request(),
+            long = asyncio.ensure_future(client.post("/v1/translate", json={**stalling_request(), "variant": "fp32"},
                                                      headers={"X-Request-Timeout": "3"}))
             await asyncio.sleep(0.8)  # the long batch is decoding
             shorts = []
