@@ -18,6 +18,9 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import os
+import shutil
+import tempfile
 import time
 from pathlib import Path
 from typing import Any
@@ -74,26 +77,38 @@ def _json_safe(value: Any) -> Any:
 
 
 def save_artifact(tm: TaskModel, qm: QuantizedModel, directory: str | Path) -> Path:
-    """Write ``qm`` (made from ``tm``) to ``directory``; returns the manifest path."""
+    """Write ``qm`` (made from ``tm``) to ``directory``; returns the manifest path.
+
+    The files are written beside, then moved in one by one with the manifest last and the old manifest removed
+    first, so a reader (another process sharing the directory, or a start after a crash) finds either a
+    complete artifact or none; other files in the directory (choices saved beside it) are kept.
+    """
     out = Path(directory)
     out.mkdir(parents=True, exist_ok=True)
-    files, layer_configs = get_runtime(qm.runtime).save(qm.module, out)
-    manifest = {
-        "format_version": FORMAT_VERSION,
-        "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
-        "source": {"name": tm.name, "task": tm.task, "source": tm.source, "sha256": tm.source_hash},
-        "strategy": qm.strategy,
-        "params": qm.params,
-        "runtime": qm.runtime,
-        "kept": qm.kept,
-        "layer_configs": layer_configs,
-        "record": _json_safe(qm.record()),
-        "versions": runtime_versions(qm.runtime),
-        "files": {f: {"sha256": _sha256(out / f), "bytes": (out / f).stat().st_size} for f in files},
-    }
-    path = out / MANIFEST
-    path.write_text(json.dumps(manifest, indent=2) + "\n")
-    return path
+    staging = Path(tempfile.mkdtemp(prefix=".saving-", dir=out))
+    try:
+        files, layer_configs = get_runtime(qm.runtime).save(qm.module, staging)
+        manifest = {
+            "format_version": FORMAT_VERSION,
+            "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+            "source": {"name": tm.name, "task": tm.task, "source": tm.source, "sha256": tm.source_hash},
+            "strategy": qm.strategy,
+            "params": qm.params,
+            "runtime": qm.runtime,
+            "kept": qm.kept,
+            "layer_configs": layer_configs,
+            "record": _json_safe(qm.record()),
+            "versions": runtime_versions(qm.runtime),
+            "files": {f: {"sha256": _sha256(staging / f), "bytes": (staging / f).stat().st_size} for f in files},
+        }
+        (staging / MANIFEST).write_text(json.dumps(manifest, indent=2) + "\n")
+        (out / MANIFEST).unlink(missing_ok=True)
+        for f in files:
+            os.replace(staging / f, out / f)
+        os.replace(staging / MANIFEST, out / MANIFEST)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+    return out / MANIFEST
 
 
 def read_manifest(directory: str | Path) -> dict[str, Any]:

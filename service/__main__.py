@@ -42,7 +42,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--host", help="address to listen on (env QUANTSERVE_HOST, default 127.0.0.1)")
     ap.add_argument("--port", type=int, help="port (env QUANTSERVE_PORT, default 8000)")
     ap.add_argument("--config", help="YAML file of models (env QUANTSERVE_CONFIG, default: built-in)")
-    ap.add_argument("--artifacts-dir", help="save built variants here and reuse them on restart "
+    ap.add_argument("--artifacts-dir", help="keep built variants here and reuse them on restart (default: the user "
+                                            "cache; off: none) "
                                             "(env QUANTSERVE_ARTIFACTS_DIR)")
     ap.add_argument("--log-level", choices=["debug", "info", "warning", "error"])
     args = ap.parse_args(argv)

@@ -160,7 +160,7 @@ class VariantBuilder:
                 raise StartupError(f"model {mc.name!r} variant {vc.name!r} ({strategy}): {exc}") from None
             # an fp32 variant is the source model itself, and the native engine reads its own files
             if directory is not None and not vc.artifact and strategy != "fp32" and get_runtime(qm.runtime).saves_artifact:
-                save_artifact(tm, qm, directory)
+                self._save(served, vc, qm, directory)
         weight_bytes = serialized_bytes(qm.module)
         kernels = self._choose_kernels(served, vc, qm.module, probe_items, directory, tuned)
         module, runtime, compile_seconds, problem = qm.module, qm.runtime, 0.0, None
@@ -187,6 +187,14 @@ class VariantBuilder:
                   f"seconds={seconds:.2f} compiled={variant.compiled} artifact={from_artifact} weight_bytes={variant.weight_bytes} "
                   f"rss_growth_bytes={grown} fidelity={fid}")
         return variant
+
+    def _save(self, served: CatalogModel, vc: VariantConfig, qm: Any, directory: Path) -> None:
+        """Keep the built variant for the next start; a read-only or full cache only costs that (one log line)."""
+        try:
+            save_artifact(served.task_model, qm, directory)
+        except OSError as exc:
+            self.catalog.say(f"event=artifact_not_saved model={served.name} variant={vc.name} directory={str(directory)!r} "
+                             f"reason={f'{exc.strerror or exc}'!r}")
 
     def _auto(self, served: CatalogModel, vc: VariantConfig, probe_items: list[Any], reference: Any,
               directory: Path | None) -> tuple[str, dict[str, Any], dict[str, Any], Any, dict[str, Any] | None]:

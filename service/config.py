@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import os
 import re
+import sys
+import tempfile
 from importlib import resources
 from pathlib import Path
 from typing import Annotated, Any, Literal
@@ -326,7 +328,10 @@ class Settings(BaseSettings):
     config: Path | None = Field(None, description="YAML file with models (default: the built-in config)")
     log_level: Literal["debug", "info", "warning", "error"] = "info"
     artifacts_dir: Path | None = Field(
-        None, description="save built variants here and load them on the next start instead of quantizing again")
+        default_factory=lambda: user_cache_dir(),
+        description="built variants, their kernel and auto choices per CPU, and compiled kernels are kept here and "
+                    "reused on the next start (default: the user cache, $XDG_CACHE_HOME/quantserve or "
+                    "~/.cache/quantserve; off or an empty value: build everything at every start)")
     probe_texts: int | None = Field(None, ge=1, le=240, description="built-in sentences used to measure start-up "
                                     "fidelity (default by task: 64 for embed and classify, 200 for translate)")
     threads: int | None = Field(None, ge=1, description="torch intra-op threads (default: torch's choice)")
@@ -349,6 +354,13 @@ class Settings(BaseSettings):
     gate: GateConfig = Field(default_factory=GateConfig)
     speedups: SpeedupsConfig = Field(default_factory=SpeedupsConfig)
     models: list[ModelConfig] = Field(min_length=1)
+
+    @field_validator("artifacts_dir", mode="before")
+    @classmethod
+    def _artifacts_off(cls, value: Any) -> Any:
+        # YAML reads `off` as false; QUANTSERVE_ARTIFACTS_DIR= (empty) arrives as ""
+        return None if value is False or (isinstance(value, str) and value.strip().lower() in ("", "off", "none")) \
+            else value
 
     @model_validator(mode="after")
     def _unique_models(self) -> "Settings":
@@ -401,6 +413,22 @@ class Settings(BaseSettings):
 
     def model_names(self, task: str | None = None) -> list[str]:
         return [m.name for m in self.models if task is None or m.task == task]
+
+
+def user_cache_dir() -> Path:
+    """The platform's user cache for this service: $XDG_CACHE_HOME/quantserve or ~/.cache/quantserve (Linux),
+    ~/Library/Caches/quantserve (macOS), %LOCALAPPDATA%\\quantserve (Windows); under the temporary directory
+    where the user has no home."""
+    try:
+        if sys.platform == "darwin":
+            base = Path.home() / "Library" / "Caches"
+        elif os.name == "nt":
+            base = Path(os.environ.get("LOCALAPPDATA") or Path.home() / "AppData" / "Local")
+        else:
+            base = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache")
+    except RuntimeError:  # Path.home(): no HOME and no passwd entry (an arbitrary container user)
+        base = Path(tempfile.gettempdir())
+    return base / "quantserve"
 
 
 def default_config_text() -> str:

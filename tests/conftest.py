@@ -14,6 +14,9 @@ import pytest
 # (tests of the trained model point this at their own), removed when the session ends.
 os.environ["QUANTIZATION_MODELS_DIR"] = tempfile.mkdtemp(prefix="no-trained-models-")
 atexit.register(shutil.rmtree, os.environ["QUANTIZATION_MODELS_DIR"], True)
+# The service keeps built variants in the user cache by default; tests build afresh unless they name a cache,
+# so that no test depends on what an earlier one (or an earlier run) left there.
+os.environ["QUANTSERVE_ARTIFACTS_DIR"] = ""
 
 from quantization.models import load_task_model
 from quantization.task_model import TaskModel

@@ -127,15 +127,59 @@ def test_restart_with_artifacts_loads_saved_variants_instead_of_quantizing(tmp_p
     path = _write(tmp_path, "models:\n - {name: intent, task: classify, source: intent, variants: "
                             "[{name: fp32, strategy: fp32}, {name: int8, strategy: static-int8}]}\n")
     texts = ["set a timer for ten minutes", "my card was declined at the store", "what's the weather"]
-    runs = []
-    for _ in range(2):
+    runs, progress = [], []
+    entry = tmp_path / "artifacts" / "intent" / "int8"
+    for i in range(4):
+        if i == 2:  # a corrupt cache entry (a disk error, an interrupted copy) is rebuilt, never served
+            weights = entry / "weights.safetensors"
+            data = bytearray(weights.read_bytes())
+            data[len(data) // 2] ^= 0xFF
+            weights.write_bytes(bytes(data))
         registry = build_catalog(load_settings(path, artifacts_dir=str(tmp_path / "artifacts"), probe_texts=16), Metrics())
         served = registry.models["intent"]
         v = served.variants["int8"]
         runs.append((v.loaded_from_artifact, v.quantization_seconds, v.fidelity,
                      served.task.run(v.module, served.task.tokenize(texts))))
-    (first_loaded, first_s, first_fid, first_out), (second_loaded, second_s, second_fid, second_out) = runs
+        progress.append([line for line in registry.progress if "artifact" in line and "event=variant_ready" not in line])
+    (first_loaded, first_s, first_fid, first_out), (second_loaded, second_s, second_fid, second_out) = runs[:2]
     assert not first_loaded and second_loaded
-    assert (tmp_path / "artifacts" / "intent" / "int8" / "manifest.json").is_file()
+    assert (entry / "manifest.json").is_file() and not list(entry.glob(".saving-*"))
     assert all(torch.equal(a, b) for a, b in zip(first_out, second_out)) and first_fid == second_fid
     assert second_s < first_s  # calibration and SmoothQuant are skipped on the second start
+    assert progress[:2] == [[], []]
+    (rebuilt_loaded, _, rebuilt_fid, rebuilt_out), (fourth_loaded, *_rest) = runs[2:]
+    assert not rebuilt_loaded and len(progress[2]) == 1 and "event=artifact_rebuild model=intent variant=int8" in \
+        progress[2][0] and "sha256" in progress[2][0]
+    assert rebuilt_fid == first_fid and all(torch.equal(a, b) for a, b in zip(first_out, rebuilt_out))
+    assert fourth_loaded and progress[3] == []  # the rebuilt entry was saved again
+
+
+def test_variants_are_cached_in_the_user_cache_by_default_and_an_unwritable_cache_only_costs_a_log_line(
+        tmp_path, monkeypatch):
+    from service.builder import build_catalog
+    from service.metrics import Metrics
+
+    monkeypatch.delenv("QUANTSERVE_ARTIFACTS_DIR", raising=False)
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
+    path = _write(tmp_path, "models:\n - {name: intent, task: classify, source: intent, variants: "
+                            "[{name: fp32, strategy: fp32}, {name: int8, strategy: dynamic-int8}]}\n")
+    assert load_settings(path).artifacts_dir == tmp_path / "cache" / "quantserve"
+    for off in ("", "off"):
+        monkeypatch.setenv("QUANTSERVE_ARTIFACTS_DIR", off)
+        assert load_settings(path).artifacts_dir is None
+    switched_off = tmp_path / "off.yaml"
+    switched_off.write_text("artifacts_dir: off\n" + path.read_text())
+    assert load_settings(switched_off).artifacts_dir is None
+    monkeypatch.delenv("QUANTSERVE_ARTIFACTS_DIR")
+    first = build_catalog(load_settings(path, probe_texts=16), Metrics())
+    assert (tmp_path / "cache" / "quantserve" / "intent" / "int8" / "manifest.json").is_file()
+    again = build_catalog(load_settings(path, probe_texts=16), Metrics())
+    assert not first.models["intent"].variants["int8"].loaded_from_artifact
+    assert again.models["intent"].variants["int8"].loaded_from_artifact
+    # a cache that cannot be written (a read-only file system: here, a path under a plain file) serves all the same
+    blocker = tmp_path / "blocker"
+    blocker.write_text("")
+    built = build_catalog(load_settings(path, probe_texts=16, artifacts_dir=str(blocker / "cache")), Metrics())
+    assert set(built.models["intent"].variants) == {"fp32", "int8"}
+    said = [line for line in built.progress if "event=artifact_not_saved" in line]
+    assert len(said) == 1 and "model=intent variant=int8" in said[0]
