@@ -20,6 +20,7 @@ from .middleware import ApiKeyMiddleware, BodyGuardMiddleware, Lifecycle, Reques
 from .builder import VariantBuilder
 from .catalog import Catalog, StartupError
 from .engine import Engine
+from .optimizer import Optimizer
 from .schemas import COMMON_ERRORS
 from .serving import Serving
 
@@ -40,11 +41,21 @@ def create_app(settings: Settings, on_startup_failure: Callable[[str], None] | N
     engine = Engine(settings, metrics)
     serving = Serving(catalog, engine)
 
+    optimizer = Optimizer(catalog, engine)
+
     async def build() -> None:
+        loop = asyncio.get_running_loop()
+        builder = VariantBuilder(catalog)
+        inline = settings.optimize == "inline"
         try:
-            # every model call runs on the engine's one lane thread, the builder's included
-            await asyncio.get_running_loop().run_in_executor(engine.lane.executor, VariantBuilder(catalog).build)
-            await engine.start(catalog)
+            # every model call runs on the engine's one lane thread, the builder's included; a model serves
+            # as soon as its own variants are built, while the next one builds
+            await loop.run_in_executor(engine.lane.executor, builder.prepare)
+            for mc in settings.models:
+                served = await loop.run_in_executor(engine.lane.executor, builder.build_model, mc, inline)
+                await engine.add(served)
+                catalog.add(served)
+            await loop.run_in_executor(engine.lane.executor, builder.finish)
             catalog.ready = True
             metrics.ready.set(1)
             log.info("event=ready models=%s", ",".join(catalog.models))
@@ -57,6 +68,11 @@ def create_app(settings: Settings, on_startup_failure: Callable[[str], None] | N
             log.error("event=startup_failed error=%r", catalog.error)
             if on_startup_failure:
                 on_startup_failure(catalog.error)
+            return
+        try:
+            await optimizer.run()
+        except Exception:  # noqa: BLE001 - the eager forms keep serving; the optimizer's own bug is logged
+            log.exception("event=optimizer_crashed")
 
     @contextlib.asynccontextmanager
     async def lifespan(app: FastAPI):
@@ -67,6 +83,7 @@ def create_app(settings: Settings, on_startup_failure: Callable[[str], None] | N
             task.cancel()
             with contextlib.suppress(asyncio.CancelledError, Exception):
                 await task
+            await optimizer.stop()
             await serving.drain_shadow()
             catalog.ready = False
             metrics.ready.set(0)
@@ -76,7 +93,7 @@ def create_app(settings: Settings, on_startup_failure: Callable[[str], None] | N
                   description="Serves every quantized variant of each model side by side, with live latency, "
                               "memory and fidelity against FP32.")
     app.state.settings, app.state.metrics, app.state.serving = settings, metrics, serving
-    app.state.catalog, app.state.engine = catalog, engine
+    app.state.catalog, app.state.engine, app.state.optimizer = catalog, engine, optimizer
     app.state.lifecycle = lifecycle = Lifecycle()
     install_error_handlers(app)
     for router in (inference.router, translate.router, models.router, health.router):

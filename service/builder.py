@@ -51,8 +51,17 @@ class VariantBuilder:
     def cpu(self) -> cpu.CpuProfile:
         return self.catalog.cpu
 
-    def build(self) -> Catalog:
-        """Load, quantize and measure everything into the catalog (blocking; run it on the engine's lane)."""
+    def build(self, inline: bool = True) -> Catalog:
+        """Load, quantize, compile (``inline``) and measure everything into the catalog (blocking): ``prebuild``
+        and tests."""
+        self.prepare()
+        for mc in self.settings.models:
+            self.catalog.add(self.build_model(mc, inline=inline))
+        self.finish()
+        return self.catalog
+
+    def prepare(self) -> None:
+        """Before the first model: threads, the CPU profile, the speed-up switches, the kernel cache."""
         if self.settings.threads:
             torch.set_num_threads(self.settings.threads)
         self.catalog.cpu = cpu.refresh()
@@ -64,40 +73,48 @@ class VariantBuilder:
             use_cache_dir(Path(self.settings.artifacts_dir) / "compile-cache")
         for name in self.settings.absent_optional_models:
             self.catalog.say(f"event=model_skipped model={name} reason='optional and its source is not on this machine'")
-        for mc in self.settings.models:
-            self.catalog.say(f"event=model_loading model={mc.name} task={mc.task} source={mc.source}")
-            tm = self._load(mc)
-            served = CatalogModel(mc, tm, mc.task_kind(tm, mc.max_input_tokens), Router(mc))
-            if served.task.needs_languages and not served.languages:
-                raise StartupError(f"model {mc.name!r}: the language pair of {mc.source!r} is not known; add "
-                                   f"`languages: <source>-<target>` (e.g. en-pt) to the model's config")
-            # a model that reads another language brings its own probe sentences
-            n = self.settings.probe_count(mc.task)  # hard sentences first, then ordinary ones
-            probe_items = served.task.tokenize((tm.probes or probe_texts("en", n))[:n])
-            reference = served.task.run(tm.module, probe_items)
-            for vc in mc.variants:
-                try:
-                    served.variants[vc.name] = self._build_variant(served, vc, probe_items, reference)
-                except Exception as exc:  # noqa: BLE001 - judged by on_variant_failure below
-                    if not isinstance(exc, StartupError):
-                        log.exception("event=variant_build_crashed model=%s variant=%s", mc.name, vc.name)
-                    reason = str(exc) if isinstance(exc, StartupError) else (
-                        f"model {mc.name!r} variant {vc.name!r}: {type(exc).__name__}: {exc}")
-                    if self.settings.on_variant_failure == "stop":
-                        raise StartupError(reason) from exc
-                    served.router.mark_unavailable(vc.name, reason)
-                    self.catalog.say(f"event=variant_unavailable model={mc.name} variant={vc.name} reason={reason!r}")
-            if not served.variants:
-                raise StartupError(f"model {mc.name!r}: none of its variants could be built; fix the first: "
-                                   f"{next(iter(served.router.unavailable.values()))}")
-            for v in served.variants.values():
-                if v.gate_problem:
-                    self.catalog.degrade(served, v.name, v.gate_problem)
-            self.catalog.models[mc.name] = served
+
+    def build_model(self, mc: ModelConfig, inline: bool) -> CatalogModel:
+        """One model with every variant built and measured (blocking). ``inline``: variants with ``compile: true``
+        are compiled here (torch.compile); otherwise they come out eager, left to :mod:`service.optimizer`."""
+        self.catalog.say(f"event=model_loading model={mc.name} task={mc.task} source={mc.source}")
+        tm = self._load(mc)
+        served = CatalogModel(mc, tm, mc.task_kind(tm, mc.max_input_tokens), Router(mc))
+        if served.task.needs_languages and not served.languages:
+            raise StartupError(f"model {mc.name!r}: the language pair of {mc.source!r} is not known; add "
+                               f"`languages: <source>-<target>` (e.g. en-pt) to the model's config")
+        # a model that reads another language brings its own probe sentences
+        n = self.settings.probe_count(mc.task)  # hard sentences first, then ordinary ones
+        served.probe_items = served.task.tokenize((tm.probes or probe_texts("en", n))[:n])
+        served.reference = served.task.run(tm.module, served.probe_items)
+        for vc in mc.variants:
+            try:
+                served.variants[vc.name] = self._build_variant(served, vc, served.probe_items, served.reference,
+                                                               inline)
+            except Exception as exc:  # noqa: BLE001 - judged by on_variant_failure below
+                if not isinstance(exc, StartupError):
+                    log.exception("event=variant_build_crashed model=%s variant=%s", mc.name, vc.name)
+                reason = str(exc) if isinstance(exc, StartupError) else (
+                    f"model {mc.name!r} variant {vc.name!r}: {type(exc).__name__}: {exc}")
+                if self.settings.on_variant_failure == "stop":
+                    raise StartupError(reason) from exc
+                served.router.mark_unavailable(vc.name, reason)
+                self.catalog.say(f"event=variant_unavailable model={mc.name} variant={vc.name} reason={reason!r}")
+        if not served.variants:
+            raise StartupError(f"model {mc.name!r}: none of its variants could be built; fix the first: "
+                               f"{next(iter(served.router.unavailable.values()))}")
+        for v in served.variants.values():
+            served.states[v.name] = "optimized" if v.compiled else "serving-eager" if v.config.compile and \
+                not inline and v.compile_problem is None else "serving"
+            if v.gate_problem:
+                self.catalog.degrade(served, v.name, v.gate_problem)
+        return served
+
+    def finish(self) -> None:
+        """After the last model."""
         if self.settings.speedups.gc_freeze:
             self._freeze_startup_objects()
         self.catalog.say(f"event=speedups {' '.join(f'{k}={v!r}' for k, v in internals.state().items())}")
-        return self.catalog
 
     def _freeze_startup_objects(self) -> None:
         """Move everything start-up made out of the cyclic garbage collector's sight.
@@ -126,7 +143,8 @@ class VariantBuilder:
             return Path(self.settings.artifacts_dir) / mc.name / vc.name
         return None
 
-    def _build_variant(self, served: CatalogModel, vc: VariantConfig, probe_items, reference) -> BuiltVariant:
+    def _build_variant(self, served: CatalogModel, vc: VariantConfig, probe_items, reference,
+                       inline: bool = True) -> BuiltVariant:
         mc, tm = served.config, served.task_model
         rss = psutil.Process().memory_info().rss
         start = time.perf_counter()
@@ -138,7 +156,7 @@ class VariantBuilder:
                                f"--qat`, or give the variant params (e.g. {{steps: 200}}) to build it from "
                                f"calibration texts instead")
         directory = bundled or self._artifact_dir(mc, vc)
-        qm, from_artifact = None, False
+        qm, from_artifact, saved = None, False, False
         strategy, params, auto, tuned = vc.strategy, vc.params, None, None
         if vc.strategy == AUTO:
             strategy, params, auto, qm, tuned = self._auto(served, vc, probe_items, reference, directory)
@@ -160,11 +178,11 @@ class VariantBuilder:
                 raise StartupError(f"model {mc.name!r} variant {vc.name!r} ({strategy}): {exc}") from None
             # an fp32 variant is the source model itself, and the native engine reads its own files
             if directory is not None and not vc.artifact and strategy != "fp32" and get_runtime(qm.runtime).saves_artifact:
-                self._save(served, vc, qm, directory)
+                saved = self._save(served, vc, qm, directory)
         weight_bytes = serialized_bytes(qm.module)
         kernels = self._choose_kernels(served, vc, qm.module, probe_items, directory, tuned)
         module, runtime, compile_seconds, problem = qm.module, qm.runtime, 0.0, None
-        if vc.compile:
+        if vc.compile and inline:
             module, compile_seconds, problem = self._compile(served, vc, qm.module, probe_items)
             runtime = f"{qm.runtime}+inductor" if problem is None else runtime
         # warm-up and fidelity in one pass; the untouched FP32 module already produced the reference
@@ -179,7 +197,8 @@ class VariantBuilder:
                           fidelity={k: round(v, 6) for k, v in fid.items()}, kept=qm.kept,
                           compile_seconds=compile_seconds,
                           compile_problem=problem, kernels=kernels, speed=speed, gate_problem=gate_problem,
-                          strategy=strategy, params=qm.params if auto is not None else vc.params, auto=auto)
+                          strategy=strategy, params=qm.params if auto is not None else vc.params, auto=auto,
+                          quantized=qm, artifact=directory if (from_artifact or saved) and strategy != "fp32" else None)
         self.metrics.declare_variant(mc.name, mc.task, vc.name, strategy=strategy, runtime=qm.runtime,
                                      source=mc.source, weight_bytes=variant.weight_bytes, memory_bytes=grown,
                                      quantization_seconds=variant.quantization_seconds, fidelity=fid)
@@ -188,13 +207,15 @@ class VariantBuilder:
                   f"rss_growth_bytes={grown} fidelity={fid}")
         return variant
 
-    def _save(self, served: CatalogModel, vc: VariantConfig, qm: Any, directory: Path) -> None:
+    def _save(self, served: CatalogModel, vc: VariantConfig, qm: Any, directory: Path) -> bool:
         """Keep the built variant for the next start; a read-only or full cache only costs that (one log line)."""
         try:
             save_artifact(served.task_model, qm, directory)
+            return True
         except OSError as exc:
             self.catalog.say(f"event=artifact_not_saved model={served.name} variant={vc.name} directory={str(directory)!r} "
                              f"reason={f'{exc.strerror or exc}'!r}")
+            return False
 
     def _auto(self, served: CatalogModel, vc: VariantConfig, probe_items: list[Any], reference: Any,
               directory: Path | None) -> tuple[str, dict[str, Any], dict[str, Any], Any, dict[str, Any] | None]:

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import logging
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 from quantization import cpu, tuning
@@ -18,7 +19,7 @@ from quantization.task_model import TaskModel
 from quantization.tasks import Task
 
 from .config import ModelConfig, Settings, VariantConfig
-from .errors import UnknownModel
+from .errors import NotReady, UnknownModel
 from .metrics import Metrics
 from .routing import Router
 
@@ -53,6 +54,9 @@ class BuiltVariant:
     speed: dict[str, Any] | None = None        # time against the baseline at the served shapes (serving gate)
     gate_problem: str | None = None            # why the start-up gate keeps unpinned traffic off it
     auto: dict[str, Any] | None = None         # strategy: auto's candidates, their speed and fidelity, and why
+    quantized: Any = None                      # the library's QuantizedModel (what an artifact is saved from)
+    artifact: Path | None = None               # a directory holding this variant's saved artifact, if any
+    optimization: dict[str, Any] | None = None  # the background optimisation that made this form: time, speed-up
 
     @property
     def compiled(self) -> bool:
@@ -68,6 +72,7 @@ class BuiltVariant:
             "compile": {"asked": self.config.compile, "compiled": self.compiled,
                         "seconds": round(self.compile_seconds, 2), "problem": self.compile_problem},
             "startup_fidelity": self.fidelity, "speed_vs_baseline": self.speed, "kernels": tuning.summary(self.kernels),
+            "optimization": self.optimization,
         }
 
 
@@ -79,7 +84,10 @@ class CatalogModel:
     task_model: TaskModel
     task: Task  # encodes, runs and answers this model's requests
     router: Router
-    variants: dict[str, BuiltVariant] = field(default_factory=dict)
+    variants: dict[str, BuiltVariant] = field(default_factory=dict)  # a variant is replaced whole, never changed
+    states: dict[str, str] = field(default_factory=dict)  # variant -> one of STATES (degraded: see router)
+    probe_items: list[Any] = field(default_factory=list)  # the start-up probe, tokenized: every form is judged on it
+    reference: list[Any] = field(default_factory=list)    # the FP32 model's outputs on it
 
     @property
     def name(self) -> str:
@@ -105,6 +113,27 @@ class Catalog:
         self.progress: list[str] = []  # start-up events, newest last (/readyz shows the last few)
         self.cpu = cpu.profile()
 
+    def add(self, model: CatalogModel) -> None:
+        """``model`` is built: it serves from now on (its batchers must exist), and its state is published."""
+        self.models[model.name] = model
+        for name, state in model.states.items():
+            self.set_state(model, name, state)
+        self.metrics.model_ready.labels(model.name, model.config.task).set(1)
+        self.say(f"event=model_ready model={model.name} variants={','.join(model.variants)}")
+
+    def set_state(self, model: CatalogModel, variant: str, state: str) -> None:
+        model.states[variant] = state
+        self.metrics.state.labels(*model.labels(variant)).state(self.state(model, variant))
+
+    @staticmethod
+    def state(model: CatalogModel, variant: str) -> str:
+        """The variant's state: a pending optimisation first (the gate judges the form it brings again), then
+        degraded, then the form it serves (``optimized`` or ``serving``)."""
+        state = model.states.get(variant, "serving")
+        if state in ("serving-eager", "optimizing"):
+            return state
+        return "degraded" if variant in model.router.degraded else state
+
     def say(self, message: str) -> None:
         self.progress.append(message)
         log.info(message)
@@ -117,6 +146,9 @@ class Catalog:
                 raise UnknownModel(f"no {task} model is configured; configured models: "
                                    f"{', '.join(self.settings.model_names())}", available=self.settings.model_names())
         model = self.models.get(name)
+        if model is None and self.error is None and name in self.settings.model_names(task):
+            raise NotReady(f"model {name!r} is still being built; retry shortly (GET /readyz shows progress)",
+                           headers={"Retry-After": "5"})
         if model is None or model.config.task != task:
             available = self.settings.model_names(task)
             raise UnknownModel(f"no {task} model named {name!r}; available: {', '.join(available) or 'none'}",
@@ -133,6 +165,7 @@ class Catalog:
         fallback = self.settings.gate.action == "fallback"
         model.router.mark_degraded(variant, reason, fallback=fallback)
         self.metrics.degraded.labels(*model.labels(variant)).set(1)
+        self.metrics.state.labels(*model.labels(variant)).state(self.state(model, variant))
         self.say(f"event=variant_degraded model={model.name} variant={variant} default={model.router.default} "
                  f"reason={reason!r}")
 
@@ -141,7 +174,7 @@ class Catalog:
         variants = []
         for v in model.variants.values():
             degraded = model.router.degraded.get(v.name)
-            variants.append({**v.describe(), "state": "degraded" if degraded else "serving", "degraded": degraded,
+            variants.append({**v.describe(), "state": self.state(model, v.name), "degraded": degraded,
                              **self.metrics.live(*model.labels(v.name))})
         return {"name": c.name, "task": c.task, "source": c.source, "default_variant": c.default_variant,
                 "baseline": c.baseline, "max_input_tokens": c.max_input_tokens,

@@ -304,6 +304,8 @@ class SpeedupsConfig(_Strict):
     compile: bool = Field(True, description="torch.compile for variants with compile: true (off: they run eager)")
     settled: bool = Field(True, description="call a warmed compiled variant's graphs without dynamo's guards")
     merge_pass: bool = Field(True, description="int8 layers reading one input share one GEMM in compiled graphs")
+    aoti: bool = Field(True, description="optimize: background compiles into AOTInductor packages in a child process "
+                                         "(off: those variants stay eager)")
     fbgemm: bool = Field(True, description="FBGEMM's int8 kernels (torch's deprecated quantized-tensor API)")
     gc_freeze: bool = Field(True, description="after start-up, hide the built models from Python's cyclic garbage "
                                               "collector (full collections otherwise stall requests ~0.5 s)")
@@ -348,6 +350,11 @@ class Settings(BaseSettings):
     grace_period_s: float = Field(30.0, ge=0, le=3600, description="after the drain delay: time for accepted requests "
                                                                     "to finish before the process exits")
     connections: ConnectionsConfig = Field(default_factory=ConnectionsConfig)
+    optimize: Literal["background", "inline"] = Field(
+        "background", description="variants with compile: true: background (each serves eagerly once built and "
+                                  "measured; an AOTInductor package is built by a child process, checked and swapped "
+                                  "in) or inline (compiled with torch.compile before the model serves and before "
+                                  "/readyz turns 200)")
     on_variant_failure: Literal["stop", "mark_unavailable"] = Field(
         "stop", description="a variant that fails to build: stop start-up, or serve without it (reported in "
                             "/v1/models and /readyz; requests for it get 503)")

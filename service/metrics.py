@@ -15,7 +15,7 @@ import collections
 from dataclasses import dataclass, field
 from typing import Any, Callable
 
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+from prometheus_client import CollectorRegistry, Counter, Enum, Gauge, Histogram, generate_latest
 from prometheus_client.process_collector import ProcessCollector
 
 PREFIX = "quantserve"
@@ -24,6 +24,9 @@ BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256)
 VARIANT = ("model", "task", "variant")
 LATENCY_WINDOW = 2048  # the latest requests whose latency /v1/models summarises
 Labels = tuple[str, str, str]  # (model, task, variant)
+# a variant's life: serving-eager (a faster form is due), optimizing (being built in the background), optimized
+# (swapped in), serving (final: nothing to optimise, or the optimisation did not check out), degraded (the gate)
+STATES = ("serving-eager", "optimizing", "optimized", "serving", "degraded")
 ENDPOINTS = {"embed": ("embed", "embeddings", "compare"), "classify": ("classify", "compare"),
              "translate": ("translate", "compare")}
 
@@ -84,7 +87,13 @@ class Metrics:
                          ("vendor", "model", "arch", "isa", "features", "threads", "emulated"), registry=r)
         self.info = Gauge(f"{PREFIX}_model_info", "Static facts about each variant (value is always 1)",
                           (*VARIANT, "strategy", "runtime", "source"), registry=r)
-        self.ready = Gauge(f"{PREFIX}_ready", "1 once every model and variant is built and warmed up", registry=r)
+        self.ready = Gauge(f"{PREFIX}_ready", "1 once every model can answer (see /readyz)", registry=r)
+        self.model_ready = Gauge(f"{PREFIX}_model_ready", "1 once every variant of the model can answer",
+                                 ("model", "task"), registry=r)
+        self.state = Enum(f"{PREFIX}_variant_state", "The variant's state (see /v1/models): " + ", ".join(STATES),
+                          VARIANT, states=list(STATES), registry=r)
+        self.optimizations = Counter(f"{PREFIX}_optimizations_total", "Background optimisations of a variant, by "
+                                     "outcome (swapped, failed, rejected)", (*VARIANT, "outcome"), registry=r)
 
     def declare_variant(self, model: str, task: str, variant: str, *, strategy: str, runtime: str, source: str,
                         weight_bytes: int, memory_bytes: int, quantization_seconds: float,

@@ -1,7 +1,8 @@
 """python -m service.prebuild --artifacts-dir DIR [--config FILE]: build, save and check every variant, then exit.
 
-The container image runs this at build time, so a pod loads saved artifacts at start-up instead
-of calibrating and quantizing again; the same code path as the server's start-up
+The container image runs this at build time, so a pod loads saved artifacts (and, for variants compiled
+in the background, their AOTInductor packages for this CPU profile) at start-up instead of calibrating,
+quantizing and compiling again; the same code path as the server's start-up
 builds them (service.builder), so what is saved is exactly what the server would have made.
 """
 
@@ -12,9 +13,10 @@ import logging
 import sys
 
 from .config import ConfigError, load_settings
-from .builder import build_catalog
-from .catalog import StartupError
+from .builder import VariantBuilder
+from .catalog import Catalog, StartupError
 from .metrics import Metrics
+from .optimizer import OptimizationFailed, Optimizer
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -25,13 +27,18 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level="INFO", stream=sys.stderr, format="%(asctime)s level=%(levelname)s %(message)s")
     try:
         settings = load_settings(args.config, artifacts_dir=args.artifacts_dir)
-        catalog = build_catalog(settings, Metrics())
-    except (ConfigError, StartupError) as exc:
+        inline = settings.optimize == "inline"
+        catalog = VariantBuilder(Catalog(settings, Metrics())).build(inline=inline)
+        optimizer = Optimizer(catalog, None)
+        packages = {(m.name, name): optimizer.build_blocking(m, m.variants[name]) for m, name in optimizer.pending()}
+    except (ConfigError, StartupError, OptimizationFailed) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 1
     for served in catalog.models.values():
         for v in served.variants.values():
-            print(f"{served.name}/{v.name}: {v.config.strategy} fidelity={v.fidelity}")
+            package = packages.get((served.name, v.name))
+            print(f"{served.name}/{v.name}: {v.config.strategy} fidelity={v.fidelity}"
+                  + (f" package={package.name}" if package else ""))
     return 0
 
 

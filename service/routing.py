@@ -17,45 +17,50 @@ from .errors import UnknownVariant, VariantUnavailable
 
 class Router:
     def __init__(self, config: ModelConfig, rng: random.Random | None = None) -> None:
+        self.config = config
         self.model = config.name
         self.variants = [v.name for v in config.variants]
-        self.default = config.default_variant
         self.baseline = config.baseline
-        split = config.routing.split
-        self.split = [(name, w) for name, w in (split or {}).items() if w > 0]
-        self.total = sum(w for _, w in self.split)
         self.shadow = config.routing.shadow
         self.shadow_variant = config.routing.shadow_variant
         self.rng = rng or random.Random()
         self.unavailable: dict[str, str] = {}  # variant -> why it could not be built
         self.degraded: dict[str, str] = {}     # variant -> why the serving gate keeps unpinned traffic off it
+        self._off_route: set[str] = set()      # degraded variants unpinned traffic leaves (gate.action fallback)
+        self._route()
 
     @property
     def working(self) -> list[str]:
         return [v for v in self.variants if v not in self.unavailable]
 
+    def _route(self) -> None:
+        """The configured default and split, less what is unavailable or taken off routes; the default falls
+        back to the baseline, else the first variant left."""
+        working = self.working
+        healthy = [v for v in working if v not in self._off_route]
+        self.split = [(name, w) for name, w in (self.config.routing.split or {}).items() if w > 0 and name in healthy]
+        self.total = sum(w for _, w in self.split)
+        self.default = self.config.default_variant
+        if self.default not in healthy and working:
+            self.default = next((v for v in (self.baseline, *healthy, *working) if v in working), working[0])
+
     def mark_unavailable(self, variant: str, reason: str) -> None:
         """Serve without ``variant``: unpinned traffic moves to the baseline or the first working variant."""
         self.unavailable[variant] = reason
-        working = self.working
-        self.split = [(name, w) for name, w in self.split if name in working]
-        self.total = sum(w for _, w in self.split)
-        if self.default not in working and working:
-            self.default = self.baseline if self.baseline in working else working[0]
+        self._route()
 
     def mark_degraded(self, variant: str, reason: str, fallback: bool = True) -> None:
         """``variant`` failed the serving gate; with ``fallback``, unpinned traffic leaves it for the baseline."""
         self.degraded[variant] = reason
-        if not fallback:
-            return
-        self.split = [(name, w) for name, w in self.split if name != variant]
-        self.total = sum(w for _, w in self.split)
-        if self.default == variant:
-            healthy = [v for v in self.working if v not in self.degraded]
-            if self.baseline in healthy:
-                self.default = self.baseline
-            elif healthy:
-                self.default = healthy[0]
+        if fallback:
+            self._off_route.add(variant)
+            self._route()
+
+    def restore(self, variant: str) -> None:
+        """``variant`` passes the gate again (a faster form was swapped in): its configured routes come back."""
+        self.degraded.pop(variant, None)
+        self._off_route.discard(variant)
+        self._route()
 
     def check(self, variant: str) -> str:
         if variant not in self.variants:

@@ -42,10 +42,9 @@ class Serving:
 
     def resolve(self, model: str | None, task: str, pinned: str | None, request_key: str | None
                 ) -> tuple[CatalogModel, BuiltVariant]:
-        if not self.catalog.ready:
-            raise NotReady(self.catalog.error or "models are still loading; retry shortly",
-                           headers={"Retry-After": "5"})
-        served = self.catalog.get(model, task)
+        if self.catalog.error:
+            raise NotReady(self.catalog.error, headers={"Retry-After": "5"})
+        served = self.catalog.get(model, task)  # a model still being built: 503 with Retry-After
         return served, served.variants[served.router.choose(pinned, request_key)]
 
     def check_limits(self, served: CatalogModel, variant: BuiltVariant, texts: list[str], field: str = "inputs",

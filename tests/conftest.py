@@ -17,6 +17,9 @@ atexit.register(shutil.rmtree, os.environ["QUANTIZATION_MODELS_DIR"], True)
 # The service keeps built variants in the user cache by default; tests build afresh unless they name a cache,
 # so that no test depends on what an earlier one (or an earlier run) left there.
 os.environ["QUANTSERVE_ARTIFACTS_DIR"] = ""
+# Likewise variants are compiled before they serve (optimize: inline), so that no background build competes with
+# what a test measures; tests of background optimisation set optimize: background themselves.
+os.environ["QUANTSERVE_OPTIMIZE"] = "inline"
 
 from quantization.models import load_task_model
 from quantization.task_model import TaskModel

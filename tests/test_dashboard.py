@@ -91,7 +91,7 @@ def test_chromium_shows_both_variants_live_and_compares_them_on_a_text(tmp_path)
             # the CPU the kernels were chosen on, and each variant's state and kernel
             expect(page.locator("#cpu")).to_have_text(re.compile(r"^CPU: .+ · (avx|amx|neon|baseline)\S* · .+ threads"))
             int8 = page.locator('.card.variant[data-model="minilm"][data-variant="int8"]')
-            expect(int8.locator(".state")).to_have_text(re.compile(r"^(serving|degraded: .+)$"))
+            expect(int8.locator(".state")).to_have_text(re.compile(r"^((serving|optimized|serving-eager|optimizing)( \(degraded: .+\))?|degraded: .+)$"))
             served = {v["name"]: v for v in httpx.get(f"{base}/v1/models/minilm").json()["variants"]}["int8"]
             kernels = served["kernels"]  # None where the chosen strategy has no dynamic int8 layer to tune
             expect(int8.locator(".kernel")).to_have_text(

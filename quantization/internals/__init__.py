@@ -13,6 +13,9 @@ speed-up        what it does                                                 sel
                 called without dynamo's per-call guards (~0.4 ms a call)     the probe, bit for bit
 ``merge_pass``  int8 layers that read one input share one GEMM in a          part of the compile check
                 compiled graph (a custom inductor pass merges them)
+``aoti``        :mod:`aoti`: a variant exported and compiled ahead of time   the service checks a loaded
+                into an AOTInductor package by a child process, loaded in   package's outputs against
+                ~0.1 s (the service's background optimisation)             eager (cosine >= 0.995)
 ``fbgemm``      :mod:`fbgemm`: FBGEMM's int8 kernels through the deprecated  a 7-bit product equals int64
                 quantized-tensor API (exact without VNNI at 7 bits)          arithmetic
 ==============  ===========================================================  ==============================

@@ -140,7 +140,7 @@ def serve_compiled(module: nn.Module, run: Callable[[Any, list[Any]], list[Any]]
         compiled = compile_module(module, probe=lambda m: run(m, items[:2]))
         warm_up(lambda batch: run(compiled, batch), items)
         reference = run(compiled, probe)
-        worst = _worst_cosine(eager, reference)
+        worst = worst_cosine(eager, reference)
         why = None if worst >= COMPILE_MIN_COSINE else \
             f"compiled outputs differ from eager ones on the probe (worst cosine {worst:.4f})"
     except Exception as exc:  # noqa: BLE001 - a torch whose internals differ from the ones this was built on
@@ -162,7 +162,7 @@ def serve_compiled(module: nn.Module, run: Callable[[Any, list[Any]], list[Any]]
 COMPILE_MIN_COSINE = 0.995  # int8 compiled vs eager: fused quantization rounds a few activations the other way
 
 
-def _worst_cosine(reference: list[Any], output: list[Any]) -> float:
+def worst_cosine(reference: list[Any], output: list[Any]) -> float:
     a = torch.stack([r.float().flatten() for r in reference])
     b = torch.stack([o.float().flatten() for o in output])
     return float(torch.nn.functional.cosine_similarity(a, b, dim=-1).min())
@@ -366,7 +366,8 @@ def original(module: Any) -> Any:
 
 
 def is_compiled(module: Any) -> bool:
-    return original(module) is not module
+    """Compiled here (torch.compile) or ahead of time (an AOTInductor package, :mod:`aoti`)."""
+    return original(module) is not module or getattr(module, "ahead_of_time", False)
 
 
 def warm_up(run: Callable[[list[Any]], Any], items: list[Any]) -> None:

@@ -16,6 +16,7 @@ SPEEDUPS: dict[str, str] = {
     "compile": "variants that ask for it run through torch.compile (TorchInductor)",
     "settled": "a warmed compiled module calls its graphs without dynamo's guards (compiled.Settled)",
     "merge_pass": "int8 layers reading one input share one GEMM in compiled graphs (a custom inductor pass)",
+    "aoti": "variants compiled in the background become AOTInductor packages, built by a child process",
     "fbgemm": "FBGEMM's int8 kernels, through torch's deprecated quantized-tensor API",
 }
 FBGEMM_ENV = "QUANTSERVE_FBGEMM"  # =0: fbgemm off (before any config is read)

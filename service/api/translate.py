@@ -6,7 +6,7 @@ from fastapi import APIRouter
 
 from quantization.tasks.translate import reads_text
 
-from ..errors import InvalidInput, UnsupportedLanguages
+from ..errors import InvalidInput, NotReady, UnsupportedLanguages
 from ..catalog import CatalogModel
 from ..schemas import TranslateRequest, TranslateResponse, error_responses
 from ..serving import Serving
@@ -43,7 +43,13 @@ def _pick_model(serving: Serving, req: TranslateRequest) -> str | None:
 @inference_endpoint(router, "/translate", TranslateRequest, TranslateResponse, summary="Translations from one variant")
 async def translate(serving: Serving, req: TranslateRequest, x_variant: str | None,
                            x_request_key: str | None) -> tuple[TranslateResponse, str]:
-    model = _pick_model(serving, req) if serving.catalog.ready else req.model
+    if serving.catalog.ready:
+        model = _pick_model(serving, req)
+    elif req.model is None and (req.source_lang or req.target_lang):
+        raise NotReady("the translation models are still being built, so the one for this language pair is not "
+                       "known yet; retry shortly or name the model", headers={"Retry-After": "5"})
+    else:
+        model = req.model
     served, variant = serving.resolve(model, "translate", req.variant or x_variant, x_request_key)
     _check_options(served, variant.name, variant.module, req)
     out = await serving.infer(served, variant, req.inputs, "translate", truncation=req.truncation,

@@ -89,12 +89,13 @@ function variantCard(model, v, i, rate) {
   const shadowText = shadow.inputs ? `${fmt.num(shadow.mean)} over ${shadow.inputs}` : "none yet";
   const row = (label, cls, value) => [el("dt", {}, label), el("dd", { class: cls }, value)];
   const lat = v.latency_seconds || {};
-  const degraded = v.state === "degraded";
+  const degraded = Boolean(v.degraded);
   return el("div", { class: "card variant" + (degraded ? " degraded" : ""), "data-model": model.name,
                      "data-variant": v.name, style: `--accent:${color(i)}` },
     el("h3", {}, v.name, " ", el("span", { class: "strategy" }, `${v.strategy} · ${v.runtime}`)),
     el("dl", {},
-      ...row("state", "state", degraded ? `degraded: ${v.degraded}` : (v.state || "serving")),
+      ...row("state", "state", v.state === "degraded" ? `degraded: ${v.degraded}`
+        : (v.state || "serving") + (degraded ? ` (degraded: ${v.degraded})` : "")),
       ...row("int8 kernel", "kernel", kernelText(v.kernels)),
       ...row("p50 latency", "p50", fmt.ms(lat.p50)),
       ...row("p90 / p99", "p99", `${fmt.ms(lat.p90)} / ${fmt.ms(lat.p99)}`),
