@@ -49,6 +49,22 @@ def _sha256(path: Path) -> str:
     return h.hexdigest()
 
 
+_FINGERPRINT: str | None = None
+
+
+def code_fingerprint() -> str:
+    """A hash of this library's source: a measurement cached beside an artifact is only reused by the same code."""
+    global _FINGERPRINT
+    if _FINGERPRINT is None:
+        h = hashlib.sha256()
+        root = Path(__file__).resolve().parent
+        for path in sorted(root.rglob("*.py")):
+            h.update(str(path.relative_to(root)).encode())
+            h.update(path.read_bytes())
+        _FINGERPRINT = h.hexdigest()[:20]
+    return _FINGERPRINT
+
+
 def save_beside(directory: str | Path, name: str, record: dict[str, Any]) -> bool:
     """Write ``record`` as ``name`` (JSON) into an artifact directory: measurements that belong beside a variant,
     such as the kernels or the auto candidate chosen for one CPU profile. False where the directory is read-only

@@ -12,6 +12,8 @@ set; and judge it with the start-up gate. Each variant comes out as an immutable
 from __future__ import annotations
 
 import gc
+import hashlib
+import json
 import logging
 import time
 from pathlib import Path
@@ -21,7 +23,8 @@ import psutil
 import torch
 
 from quantization import cpu, internals, tuning
-from quantization.artifacts import load_artifact, load_beside, read_manifest, save_artifact, save_beside
+from quantization.artifacts import (code_fingerprint, load_artifact, load_beside, read_manifest, save_artifact,
+                                    save_beside)
 from quantization.errors import ArtifactError, QuantizationError
 from quantization.internals.compiled import serve_compiled, use_cache_dir
 from quantization.models import load_task_model
@@ -86,11 +89,9 @@ class VariantBuilder:
         # a model that reads another language brings its own probe sentences
         n = self.settings.probe_count(mc.task)  # hard sentences first, then ordinary ones
         served.probe_items = served.task.tokenize((tm.probes or probe_texts("en", n))[:n])
-        served.reference = served.task.run(tm.module, served.probe_items)
         for vc in mc.variants:
             try:
-                served.variants[vc.name] = self._build_variant(served, vc, served.probe_items, served.reference,
-                                                               inline)
+                served.variants[vc.name] = self._build_variant(served, vc, served.probe_items, inline)
             except Exception as exc:  # noqa: BLE001 - judged by on_variant_failure below
                 if not isinstance(exc, StartupError):
                     log.exception("event=variant_build_crashed model=%s variant=%s", mc.name, vc.name)
@@ -143,8 +144,7 @@ class VariantBuilder:
             return Path(self.settings.artifacts_dir) / mc.name / vc.name
         return None
 
-    def _build_variant(self, served: CatalogModel, vc: VariantConfig, probe_items, reference,
-                       inline: bool = True) -> BuiltVariant:
+    def _build_variant(self, served: CatalogModel, vc: VariantConfig, probe_items, inline: bool = True) -> BuiltVariant:
         mc, tm = served.config, served.task_model
         rss = psutil.Process().memory_info().rss
         start = time.perf_counter()
@@ -159,7 +159,7 @@ class VariantBuilder:
         qm, from_artifact, saved = None, False, False
         strategy, params, auto, tuned = vc.strategy, vc.params, None, None
         if vc.strategy == AUTO:
-            strategy, params, auto, qm, tuned = self._auto(served, vc, probe_items, reference, directory)
+            strategy, params, auto, qm, tuned = self._auto(served, vc, probe_items, directory)
         if qm is None and directory is not None and (directory / "manifest.json").is_file():
             try:
                 manifest = read_manifest(directory)
@@ -185,12 +185,23 @@ class VariantBuilder:
         if vc.compile and inline:
             module, compile_seconds, problem = self._compile(served, vc, qm.module, probe_items)
             runtime = f"{qm.runtime}+inductor" if problem is None else runtime
-        # warm-up and fidelity in one pass; the untouched FP32 module already produced the reference
-        outputs = reference if module is tm.module else served.task.run(module, probe_items)
+        # fidelity and speed, measured (warming the variant up) or, for this very module on this CPU, cached
+        key = self._measure_key(served, vc, strategy, runtime, kernels, directory)
+        cached = load_beside(directory, f"measured-{key}.json") if key else None
+        if cached is not None:
+            served.task.run(module, probe_items[:2])  # warm-up: one padded batch of two
+            fid, measured_at = cached["fidelity"], cached["measured_at"]
+        else:
+            reference = served.reference()
+            outputs = reference if module is tm.module else served.task.run(module, probe_items)
+            fid, measured_at = served.task.compare_outputs(reference, outputs), None
         seconds = time.perf_counter() - start
         grown = max(0, psutil.Process().memory_info().rss - rss)
-        fid = served.task.compare_outputs(reference, outputs)
-        speed, gate_problem = self._gate(served, vc, module, probe_items, fid)
+        speed, gate_problem = self._gate(served, vc, module, probe_items, fid, cached["speed"] if cached else None)
+        if key and cached is None:
+            save_beside(directory, f"measured-{key}.json", {
+                "fidelity": fid, "speed": speed, "cpu": self.cpu.summary(),
+                "measured_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())})
         variant = BuiltVariant(model=mc.name, task=mc.task, name=vc.name, config=vc, module=module, runtime=runtime,
                           quantization_seconds=seconds - compile_seconds, loaded_from_artifact=from_artifact,
                           weight_bytes=weight_bytes, memory_bytes=grown,
@@ -198,14 +209,37 @@ class VariantBuilder:
                           compile_seconds=compile_seconds,
                           compile_problem=problem, kernels=kernels, speed=speed, gate_problem=gate_problem,
                           strategy=strategy, params=qm.params if auto is not None else vc.params, auto=auto,
-                          quantized=qm, artifact=directory if (from_artifact or saved) and strategy != "fp32" else None)
+                          quantized=qm, artifact=directory if (from_artifact or saved) and strategy != "fp32" else None,
+                          measured_at=measured_at)
         self.metrics.declare_variant(mc.name, mc.task, vc.name, strategy=strategy, runtime=qm.runtime,
                                      source=mc.source, weight_bytes=variant.weight_bytes, memory_bytes=grown,
                                      quantization_seconds=variant.quantization_seconds, fidelity=fid)
         self.catalog.say(f"event=variant_ready model={mc.name} variant={vc.name} strategy={strategy} "
                   f"seconds={seconds:.2f} compiled={variant.compiled} artifact={from_artifact} weight_bytes={variant.weight_bytes} "
-                  f"rss_growth_bytes={grown} fidelity={fid}")
+                  f"rss_growth_bytes={grown} fidelity={fid} measured={measured_at or 'now'}")
         return variant
+
+    def _measure_key(self, served: CatalogModel, vc: VariantConfig, strategy: str, runtime: str,
+                     kernels: dict[str, Any] | None, directory: Path | None) -> str | None:
+        """What a variant's start-up measurements depend on, hashed; None where they cannot be cached (no cache,
+        or a module no saved artifact names). The same module (artifact, kernels, form) on the same CPU profile,
+        torch and library code, judged on the same probe at the same shapes, measures the same fidelity (its
+        speed: within this machine's noise, which the gate's margin covers)."""
+        if directory is None:
+            return None
+        files = None
+        if strategy not in ("fp32", "native"):
+            try:
+                files = read_manifest(directory)["files"]
+            except ArtifactError:
+                return None
+        mc = served.config
+        parts = {"strategy": strategy, "params": vc.params, "runtime": runtime, "artifact": files,
+                 "source": served.task_model.source_hash, "kernels": (kernels or {}).get("layers"),
+                 "cpu": self.cpu.key, "torch": torch.__version__, "code": code_fingerprint(),
+                 "probe": [repr(x) for x in served.probe_items], "batch": self._batch(), "baseline": mc.baseline,
+                 "rounds": mc.task_kind.timing_rounds or ROUNDS, "max_input_tokens": mc.max_input_tokens}
+        return hashlib.sha256(json.dumps(parts, sort_keys=True, default=str).encode()).hexdigest()[:20]
 
     def _save(self, served: CatalogModel, vc: VariantConfig, qm: Any, directory: Path) -> bool:
         """Keep the built variant for the next start; a read-only or full cache only costs that (one log line)."""
@@ -217,7 +251,7 @@ class VariantBuilder:
                              f"reason={f'{exc.strerror or exc}'!r}")
             return False
 
-    def _auto(self, served: CatalogModel, vc: VariantConfig, probe_items: list[Any], reference: Any,
+    def _auto(self, served: CatalogModel, vc: VariantConfig, probe_items: list[Any],
               directory: Path | None) -> tuple[str, dict[str, Any], dict[str, Any], Any, dict[str, Any] | None]:
         """``strategy: auto``: (strategy, params, the selection's record, the winner and its kernel choice if built
         here).
@@ -242,7 +276,7 @@ class VariantBuilder:
             tuned[id(module)] = tuning.choose_kernels(module, lambda m: served.task.run(m, batch))
 
         qm, record = auto_select(
-            tm, candidates, bound=mc.bound, run=served.task.run, items=probe_items, reference=reference,
+            tm, candidates, bound=mc.bound, run=served.task.run, items=probe_items, reference=served.reference(),
             agreement=served.task.compare_outputs, batch=self._batch(), slower_than=self.settings.gate.slower_than,
             quantize=lambda strategy, params: quantize_model(tm, strategy, params),
             tune=tune, batch_only=vc.compile)
@@ -278,14 +312,15 @@ class VariantBuilder:
         return record
 
     def _gate(self, served: CatalogModel, vc: VariantConfig, module: Any, probe_items: list[Any],
-              fid: dict[str, float]) -> tuple[dict[str, Any] | None, str | None]:
-        """(speed against the baseline, why the variant fails the serving gate or None)."""
+              fid: dict[str, float], speed: dict[str, Any] | None = None) -> tuple[dict[str, Any] | None, str | None]:
+        """(speed against the baseline, measured now unless given; why the variant fails the serving gate or None)."""
         mc = served.config
         if vc.strategy == "fp32" or mc.baseline is None:
             return None, None  # the baseline itself
         rounds = mc.task_kind.timing_rounds or ROUNDS
-        speed = relative_speed(served.task.run, module, served.task_model.module, probe_items, self._batch(),
-                                  rounds)
+        if speed is None:
+            speed = relative_speed(served.task.run, module, served.task_model.module, probe_items, self._batch(),
+                                   rounds)
         reason = gate.judge(vc.name, mc.baseline, mc.bound, fid, speed, self.settings.gate, self.cpu)
         if reason is not None and self.settings.gate.action == "stop":
             raise StartupError(f"model {mc.name!r}: {reason}; set gate.action to fallback or serve to start anyway")

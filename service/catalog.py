@@ -57,6 +57,7 @@ class BuiltVariant:
     quantized: Any = None                      # the library's QuantizedModel (what an artifact is saved from)
     artifact: Path | None = None               # a directory holding this variant's saved artifact, if any
     optimization: dict[str, Any] | None = None  # the background optimisation that made this form: time, speed-up
+    measured_at: str | None = None             # when fidelity and speed were measured, where they come from the cache
 
     @property
     def compiled(self) -> bool:
@@ -71,7 +72,7 @@ class BuiltVariant:
             "loaded_from_artifact": self.loaded_from_artifact, "kept_in_fp32": self.kept,
             "compile": {"asked": self.config.compile, "compiled": self.compiled,
                         "seconds": round(self.compile_seconds, 2), "problem": self.compile_problem},
-            "startup_fidelity": self.fidelity, "speed_vs_baseline": self.speed, "kernels": tuning.summary(self.kernels),
+            "startup_fidelity": self.fidelity, "speed_vs_baseline": self.speed, "measured_at": self.measured_at, "kernels": tuning.summary(self.kernels),
             "optimization": self.optimization,
         }
 
@@ -87,7 +88,14 @@ class CatalogModel:
     variants: dict[str, BuiltVariant] = field(default_factory=dict)  # a variant is replaced whole, never changed
     states: dict[str, str] = field(default_factory=dict)  # variant -> one of STATES (degraded: see router)
     probe_items: list[Any] = field(default_factory=list)  # the start-up probe, tokenized: every form is judged on it
-    reference: list[Any] = field(default_factory=list)    # the FP32 model's outputs on it
+    _reference: list[Any] | None = None
+
+    def reference(self) -> list[Any]:
+        """The FP32 model's outputs on the probe, computed at first use (on the model lane): a start whose
+        measurements all come from the cache never needs them."""
+        if self._reference is None:
+            self._reference = self.task.run(self.task_model.module, self.probe_items)
+        return self._reference
 
     @property
     def name(self) -> str:

@@ -241,7 +241,7 @@ class Optimizer:
         if worst < COMPILE_MIN_COSINE:
             return {"problem": f"the package's outputs differ from the eager form's on the probe (worst cosine "
                                f"{worst:.4f} < {COMPILE_MIN_COSINE})"}
-        fid = {k: round(x, 6) for k, x in task.compare_outputs(served.reference, outputs).items()}
+        fid = {k: round(x, 6) for k, x in task.compare_outputs(served.reference(), outputs).items()}
         batch, rounds = self.settings.batching.max_batch_size, mc.task_kind.timing_rounds or ROUNDS
         vs_eager = relative_speed(task.run, packaged, v.module, probe, batch, rounds)
         speed = None

@@ -127,7 +127,7 @@ def test_restart_with_artifacts_loads_saved_variants_instead_of_quantizing(tmp_p
     path = _write(tmp_path, "models:\n - {name: intent, task: classify, source: intent, variants: "
                             "[{name: fp32, strategy: fp32}, {name: int8, strategy: static-int8}]}\n")
     texts = ["set a timer for ten minutes", "my card was declined at the store", "what's the weather"]
-    runs, progress = [], []
+    runs, progress, measured = [], [], []
     entry = tmp_path / "artifacts" / "intent" / "int8"
     for i in range(4):
         if i == 2:  # a corrupt cache entry (a disk error, an interrupted copy) is rebuilt, never served
@@ -140,6 +140,7 @@ def test_restart_with_artifacts_loads_saved_variants_instead_of_quantizing(tmp_p
         v = served.variants["int8"]
         runs.append((v.loaded_from_artifact, v.quantization_seconds, v.fidelity,
                      served.task.run(v.module, served.task.tokenize(texts))))
+        measured.append((v.measured_at, v.speed))
         progress.append([line for line in registry.progress if "artifact" in line and "event=variant_ready" not in line])
     (first_loaded, first_s, first_fid, first_out), (second_loaded, second_s, second_fid, second_out) = runs[:2]
     assert not first_loaded and second_loaded
@@ -147,6 +148,9 @@ def test_restart_with_artifacts_loads_saved_variants_instead_of_quantizing(tmp_p
     assert all(torch.equal(a, b) for a, b in zip(first_out, second_out)) and first_fid == second_fid
     assert second_s < first_s  # calibration and SmoothQuant are skipped on the second start
     assert progress[:2] == [[], []]
+    # the restart loaded the same module on the same CPU: its fidelity and speed come from the first start's record
+    assert measured[0][0] is None and measured[1][0] is not None and measured[1][1] == measured[0][1]
+    assert list(entry.glob("measured-*.json"))
     (rebuilt_loaded, _, rebuilt_fid, rebuilt_out), (fourth_loaded, *_rest) = runs[2:]
     assert not rebuilt_loaded and len(progress[2]) == 1 and "event=artifact_rebuild model=intent variant=int8" in \
         progress[2][0] and "sha256" in progress[2][0]
