@@ -47,6 +47,7 @@ def create_app(settings: Settings, on_startup_failure: Callable[[str], None] | N
         loop = asyncio.get_running_loop()
         builder = VariantBuilder(catalog)
         inline = settings.optimize == "inline"
+        optimizing = loop.create_task(optimizer.run())
         try:
             # every model call runs on the engine's one lane thread, the builder's included; a model serves
             # as soon as its own variants are built, while the next one builds
@@ -55,22 +56,28 @@ def create_app(settings: Settings, on_startup_failure: Callable[[str], None] | N
                 served = await loop.run_in_executor(engine.lane.executor, builder.build_model, mc, inline)
                 await engine.add(served)
                 catalog.add(served)
+                optimizer.offer(served)
+            optimizer.offer(None)
             await loop.run_in_executor(engine.lane.executor, builder.finish)
             catalog.ready = True
             metrics.ready.set(1)
             log.info("event=ready models=%s", ",".join(catalog.models))
+        except asyncio.CancelledError:  # shut down while building
+            optimizing.cancel()
+            raise
         except StartupError as exc:
             catalog.error = str(exc)
         except Exception as exc:  # anything else is a bug, but must still stop start-up visibly
             log.exception("event=startup_crashed")
             catalog.error = f"start-up failed: {type(exc).__name__}: {exc}"
         if catalog.error:
+            optimizing.cancel()
             log.error("event=startup_failed error=%r", catalog.error)
             if on_startup_failure:
                 on_startup_failure(catalog.error)
             return
         try:
-            await optimizer.run()
+            await optimizing
         except Exception:  # noqa: BLE001 - the eager forms keep serving; the optimizer's own bug is logged
             log.exception("event=optimizer_crashed")
 

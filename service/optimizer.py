@@ -1,13 +1,14 @@
 """Background optimisation: variants serve in their eager form at once; a compiled form replaces each when ready.
 
 A variant with ``compile: true`` (and ``optimize: background``, the default) leaves start-up as
-``serving-eager``. Once every model serves, :class:`Optimizer` takes those variants one at a time:
+``serving-eager``. :class:`Optimizer` takes those variants one at a time:
 
 1. ``optimizing``: an AOTInductor package of the exact module served (its saved artifact and kernel choice)
    is looked up beside the artifact under a key naming the torch build, the CPU profile and the module
    (:func:`quantization.internals.aoti.package_key`), or built by a child process
    (``python -m quantization.internals.aoti``) at lower CPU priority on one thread: the build competes with
    serving for the cores, not for the interpreter, and a crash in it costs the build only.
+   Each model's variants are taken as soon as the model serves, while the next models build.
 2. The package is loaded (~0.1 s) and judged on the model lane, between batches, like a variant at
    start-up: its outputs on the probe set against the eager form (worst cosine at least
    ``COMPILE_MIN_COSINE``) and against FP32 (the model's fidelity bound), its time against the baseline
@@ -64,15 +65,24 @@ class Optimizer:
         self.settings = catalog.settings
         self._scratch: Path | None = None  # packages and artifacts where the cache is off or read-only
         self._child: asyncio.subprocess.Process | None = None
+        self._queue: asyncio.Queue[CatalogModel | None] = asyncio.Queue()
 
     def pending(self) -> list[tuple[CatalogModel, str]]:
         return [(m, name) for m in self.catalog.models.values() for name, state in m.states.items()
                 if state == "serving-eager"]
 
+    def offer(self, served: CatalogModel | None) -> None:
+        """A model that serves now (its variants waiting for optimisation are taken in turn); None: no more."""
+        self._queue.put_nowait(served)
+
     async def run(self) -> None:
-        """Optimise every variant waiting for it, one at a time."""
-        for served, name in self.pending():
-            await self.optimize(served, name)
+        """Optimise the variants of each model offered, one at a time, until None is offered. The first model's
+        package builds while the next models are still being built: the child's lower priority leaves the
+        cores to the build first, and the time to optimised shrinks by the overlap."""
+        while (served := await self._queue.get()) is not None:
+            for name, state in list(served.states.items()):
+                if state == "serving-eager":
+                    await self.optimize(served, name)
         self.catalog.say("event=optimization_done")
 
     async def stop(self) -> None:
