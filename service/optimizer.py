@@ -6,9 +6,10 @@ A variant with ``compile: true`` (and ``optimize: background``, the default) lea
 1. ``optimizing``: an AOTInductor package of the exact module served (its saved artifact and kernel choice)
    is looked up beside the artifact under a key naming the torch build, the CPU profile and the module
    (:func:`quantization.internals.aoti.package_key`), or built by a child process
-   (``python -m quantization.internals.aoti``) at lower CPU priority on one thread: the build competes with
-   serving for the cores, not for the interpreter, and a crash in it costs the build only.
-   Each model's variants are taken as soon as the model serves, while the next models build.
+   (``python -m quantization.internals.aoti``) at the lowest CPU priority (nice 19) on one thread: the build
+   takes the cycles serving leaves, never the interpreter, and a crash in it costs the build only.
+   Each model's variants are taken as soon as the model serves, while the next models build; judging and
+   swapping (below) wait until every model serves.
 2. The package is loaded (~0.1 s) and judged on the model lane, between batches, like a variant at
    start-up: its outputs on the probe set against the eager form (worst cosine at least
    ``COMPILE_MIN_COSINE``) and against FP32 (the model's fidelity bound), its time against the baseline
@@ -66,19 +67,23 @@ class Optimizer:
         self._scratch: Path | None = None  # packages and artifacts where the cache is off or read-only
         self._child: asyncio.subprocess.Process | None = None
         self._queue: asyncio.Queue[CatalogModel | None] = asyncio.Queue()
+        self._all_serving = asyncio.Event()
 
     def pending(self) -> list[tuple[CatalogModel, str]]:
         return [(m, name) for m in self.catalog.models.values() for name, state in m.states.items()
                 if state == "serving-eager"]
 
     def offer(self, served: CatalogModel | None) -> None:
-        """A model that serves now (its variants waiting for optimisation are taken in turn); None: no more."""
+        """A model that serves now (its variants waiting for optimisation are taken in turn); None: no more, every
+        model serves."""
         self._queue.put_nowait(served)
+        if served is None:
+            self._all_serving.set()
 
     async def run(self) -> None:
         """Optimise the variants of each model offered, one at a time, until None is offered. The first model's
-        package builds while the next models are still being built: the child's lower priority leaves the
-        cores to the build first, and the time to optimised shrinks by the overlap."""
+        package builds while the next models are still being built, on the cycles the build leaves (the child
+        runs at nice 19); judging and swapping wait until every model serves, so they never delay readiness."""
         while (served := await self._queue.get()) is not None:
             for name, state in list(served.states.items()):
                 if state == "serving-eager":
@@ -107,6 +112,7 @@ class Optimizer:
             if packaged is None:  # a cached package that would not load: built again
                 path, built_s, cached = await self._package(served, v)
                 packaged = await self._load(served, name, path, cached)
+            await self._all_serving.wait()
             checked = await self._on_lane(lambda: self._judge(served, v, packaged))
         except OptimizationFailed as exc:
             self._keep_eager(served, name, str(exc), "failed")
@@ -219,7 +225,8 @@ class Optimizer:
                     place.mkdir(parents=True, exist_ok=True)
             home = next((p for p in places if os.access(p, os.W_OK)), None) or self._writable(mc.name, v.name)
             path = home / name
-        spec = {"source": mc.source, "task": mc.task, "name": mc.name, "max_input_tokens": mc.max_input_tokens,
+        spec = {"nice": 19, "source": mc.source, "task": mc.task, "name": mc.name,
+                "max_input_tokens": mc.max_input_tokens,
                 "artifact": str(artifact) if artifact else None, "kernels": v.kernels, "texts": TRACE_TEXTS,
                 "out": str(path)}
         return spec, path
