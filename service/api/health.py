@@ -9,6 +9,7 @@ from fastapi.responses import JSONResponse
 
 from ..catalog import Catalog
 from ..errors import UnknownModel
+from ..schemas import error_responses
 from .deps import CatalogDep
 
 router = APIRouter()
@@ -20,7 +21,7 @@ async def livez() -> dict[str, str]:
 
 
 @router.get("/readyz", summary="200 once every model can answer (or, with ?model=NAME, that model); 503 before, "
-                                "and while shutting down")
+                                "and while shutting down", responses=error_responses(404))
 async def readyz(request: Request, catalog: CatalogDep, model: str | None = None) -> JSONResponse:
     """Ready means every configured variant can answer: a variant being optimised in the background answers
     in its eager form. ``optimize: inline`` keeps the older meaning, fully compiled (it compiles before
