@@ -113,7 +113,10 @@ class Optimizer:
                 path, built_s, cached = await self._package(served, v)
                 packaged = await self._load(served, name, path, cached)
             await self._all_serving.wait()
-            checked = await self._on_lane(lambda: self._judge(served, v, packaged))
+            try:
+                checked = await self._on_lane(lambda: self._judge(served, v, packaged))
+            except Exception as exc:  # noqa: BLE001 - a package that fails on the probe is never served
+                checked = {"problem": f"the package failed on the probe ({type(exc).__name__}: {str(exc)[:200]})"}
         except OptimizationFailed as exc:
             self._keep_eager(served, name, str(exc), "failed")
             return
