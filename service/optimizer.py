@@ -181,8 +181,7 @@ class Optimizer:
                 self._child.kill()
                 raise OptimizationFailed(f"building the package took more than {BUILD_TIMEOUT_S:.0f} s") from None
             if self._child.returncode != 0:
-                lines = err.decode(errors="replace").strip().splitlines() or ["(no output)"]
-                raise OptimizationFailed(f"building the package failed: {lines[-1][:300]}")
+                raise _build_failed(err.decode(errors="replace"))
         finally:
             spec_file.unlink(missing_ok=True)
         if not path.is_file():
@@ -199,8 +198,7 @@ class Optimizer:
             finally:
                 spec_file.unlink(missing_ok=True)
             if done.returncode != 0 or not path.is_file():
-                lines = done.stderr.strip().splitlines() or ["(no output)"]
-                raise OptimizationFailed(f"building the package failed: {lines[-1][:300]}")
+                raise _build_failed(done.stderr)
         return path
 
     def spec(self, served: CatalogModel, v: BuiltVariant) -> tuple[dict[str, Any], Path]:
@@ -280,3 +278,9 @@ def _spec_file(spec: dict[str, Any], path: Path) -> Path:
 
 def _command(spec_file: Path) -> list[str]:
     return [sys.executable, "-m", "quantization.internals.aoti", str(spec_file)]
+
+
+def _build_failed(stderr: str) -> OptimizationFailed:
+    """The child's last line (it reports its failure as one) as the reason."""
+    lines = stderr.strip().splitlines() or ["(no output)"]
+    return OptimizationFailed(f"building the package failed: {lines[-1][:300]}")
